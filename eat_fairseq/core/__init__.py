@@ -1,0 +1,1 @@
+"""Pure-PyTorch core of EAT. Nothing under this package may import fairseq."""

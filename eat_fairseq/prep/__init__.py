@@ -1,0 +1,1 @@
+"""Data preparation: manifest writers and checkers (library functions; CLIs in ``manifests/``)."""

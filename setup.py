@@ -1,0 +1,49 @@
+"""eat_fairseq: EAT (Efficient Audio Transformer) as a pip-installable fairseq extension."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="eat_fairseq",
+    version="0.1.0",
+    description="EAT self-supervised audio pre-training, fine-tuning and inference as a fairseq extension",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["eat_fairseq", "eat_fairseq.*"]),
+    include_package_data=True,
+    package_data={"eat_fairseq": ["config/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "tqdm>=4.60",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # The training/fine-tuning layer. The core (features, model, extraction, tagging) runs without it.
+        "fairseq": ["ve-fairseq==0.12.3", "hydra-core>=1.3,<1.4", "omegaconf>=2.3,<2.4", "tensorboardX>=2.6"],
+        "eval": ["scikit-learn>=1.3"],
+        "test": ["pytest>=8", "scikit-learn>=1.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "eat-user-dir=eat_fairseq.cli.user_dir:main",
+            "eat-manifest=eat_fairseq.prep.audio_folder:main",
+            "eat-validate-manifest=eat_fairseq.prep.validate:main",
+            "eat-convert=eat_fairseq.cli.convert:main",
+            "eat-extract=eat_fairseq.cli.extract:main",
+            "eat-tag=eat_fairseq.cli.tag:main",
+            "eat-evaluate=eat_fairseq.cli.evaluate:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Multimedia :: Sound/Audio :: Analysis",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
