@@ -1,0 +1,163 @@
+"""Label files for fine-tuning (reference section 6), validated before any training starts.
+
+A mislabelled corpus trains silently into a useless model, so every inconsistency between
+``label_descriptors.csv``, ``{split}.lbl`` and ``{split}.tsv`` is a :class:`LabelError` that names
+the file and the (1-based) line.
+
+Formats:
+- ``label_descriptors.csv``: ``index,label[,display name]``, optionally preceded by a header line
+  (AudioSet's own ``class_labels_indices.csv`` has ``index,mid,display_name``). Display names may be
+  quoted and contain commas, so the file is read with :mod:`csv`.
+- ``{split}.tsv``: first line the root directory, then ``relative/path<TAB>n_samples``.
+- ``{split}.lbl``: one line per manifest row, ``clip_id<TAB>label1,label2,...``.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LabelError(ValueError):
+    """A label file is inconsistent; the message names the file and line."""
+
+
+@dataclass
+class LabelSet:
+    """The class inventory: ``labels[i]`` is the label string of class ``i``."""
+
+    labels: list[str]
+    display_names: list[str]
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            self.index = {label: i for i, label in enumerate(self.labels)}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_index(cls, mapping: dict[str, int | str]) -> "LabelSet":
+        """Rebuild from a ``{label: index}`` map (fairseq ``task_state["labels"]``; values may be strings)."""
+        pairs = sorted(((int(i), label) for label, i in mapping.items()))
+        if [i for i, _ in pairs] != list(range(len(pairs))):
+            raise LabelError(f"label map indices are not 0..{len(pairs) - 1}")
+        labels = [label for _, label in pairs]
+        return cls(labels=labels, display_names=list(labels))
+
+
+def read_label_descriptors(path: str | os.PathLike) -> LabelSet:
+    """Read ``label_descriptors.csv``; indices must be exactly 0..C-1 and labels unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: label descriptor file not found")
+    by_index: dict[int, tuple[str, str, int]] = {}
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for lineno, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            cells = [cell.strip() for cell in row]
+            try:
+                idx = int(cells[0])
+            except ValueError:
+                if lineno == 1:
+                    continue  # header line
+                raise LabelError(f"{path}:{lineno}: index {cells[0]!r} is not an integer") from None
+            if len(cells) < 2 or not cells[1]:
+                raise LabelError(f"{path}:{lineno}: expected 'index,label[,display name]'")
+            label = cells[1]
+            display = ",".join(cells[2:]).strip() if len(cells) > 2 else label
+            if idx in by_index:
+                raise LabelError(f"{path}:{lineno}: index {idx} repeated (first on line {by_index[idx][2]})")
+            if label in seen:
+                raise LabelError(f"{path}:{lineno}: label {label!r} repeated (first on line {seen[label]})")
+            by_index[idx] = (label, display or label, lineno)
+            seen[label] = lineno
+    if not by_index:
+        raise LabelError(f"{path}: no labels")
+    expected = list(range(len(by_index)))
+    if sorted(by_index) != expected:
+        missing = sorted(set(expected) - set(by_index))
+        raise LabelError(f"{path}: indices must be 0..{len(by_index) - 1}; missing {missing[:10]}")
+    labels = [by_index[i][0] for i in expected]
+    names = [by_index[i][1] for i in expected]
+    return LabelSet(labels=labels, display_names=names)
+
+
+def read_manifest_paths(tsv_path: str | os.PathLike) -> list[str]:
+    """Relative paths of a ``{split}.tsv`` manifest (the root line skipped)."""
+    tsv_path = Path(tsv_path)
+    if not tsv_path.is_file():
+        raise LabelError(f"{tsv_path}: manifest not found")
+    with open(tsv_path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    if not lines:
+        raise LabelError(f"{tsv_path}: empty manifest (expected the root directory on line 1)")
+    return [line.split("\t")[0] for line in lines[1:] if line.strip()]
+
+
+def _id_matches(clip_id: str, rel_path: str) -> bool:
+    """Whether a clip id names its manifest row.
+
+    Accepted: the relative path with or without extension, the file name, the stem, and AudioSet's
+    file namings of a YouTube id: ``Y{id}`` and ``{id}_{start}``.
+    """
+    base = os.path.basename(rel_path)
+    stem = os.path.splitext(base)[0]
+    if clip_id in {rel_path, os.path.splitext(rel_path)[0], base, stem, stem[1:] if stem.startswith("Y") else None}:
+        return True
+    return stem.startswith(clip_id + "_")
+
+
+def read_split_labels(
+    lbl_path: str | os.PathLike,
+    label_set: LabelSet,
+    tsv_path: str | os.PathLike | None = None,
+    multi_label: bool = True,
+    check_ids: bool = True,
+) -> list[list[int]]:
+    """Class indices per manifest row, in manifest order.
+
+    Raises :class:`LabelError` for a missing file, a line count that differs from the manifest's,
+    a malformed line, an empty label list, an unknown label, more than one label when
+    ``multi_label`` is False, or (``check_ids``) a clip id that does not name its manifest row.
+    """
+    lbl_path = Path(lbl_path)
+    if not lbl_path.is_file():
+        raise LabelError(f"{lbl_path}: label file not found")
+    with open(lbl_path, encoding="utf-8") as handle:
+        lines = [line for line in handle.read().splitlines()]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    paths = read_manifest_paths(tsv_path) if tsv_path is not None else None
+    if paths is not None and len(paths) != len(lines):
+        raise LabelError(
+            f"{lbl_path}: {len(lines)} label lines but {tsv_path} has {len(paths)} rows "
+            "(one label line per manifest row, in the same order)"
+        )
+    result: list[list[int]] = []
+    for lineno, line in enumerate(lines, start=1):
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise LabelError(f"{lbl_path}:{lineno}: expected 'clip_id<TAB>label1,label2,...', got {line!r}")
+        clip_id, label_field = parts[0].strip(), parts[1].strip()
+        if paths is not None and check_ids and not _id_matches(clip_id, paths[lineno - 1]):
+            raise LabelError(
+                f"{lbl_path}:{lineno}: clip id {clip_id!r} does not match manifest row {lineno} "
+                f"({paths[lineno - 1]!r} in {tsv_path})"
+            )
+        names = [name.strip() for name in label_field.split(",") if name.strip()]
+        if not names:
+            raise LabelError(f"{lbl_path}:{lineno}: empty label list for {clip_id!r}")
+        if not multi_label and len(names) != 1:
+            raise LabelError(f"{lbl_path}:{lineno}: {len(names)} labels for {clip_id!r} in a single-label task")
+        indices = []
+        for name in names:
+            if name not in label_set.index:
+                raise LabelError(f"{lbl_path}:{lineno}: unknown label {name!r} (not in the label descriptors)")
+            indices.append(label_set.index[name])
+        result.append(sorted(set(indices)))
+    return result

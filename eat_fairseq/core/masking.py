@@ -1,0 +1,122 @@
+"""Inverse block masking on the (time x frequency) patch grid (reference section 3).
+
+EAT keeps only ~20% of the patches visible and chooses them as a union of square blocks, so the
+student sees a few contiguous time-frequency regions and must predict everything else. The mask is
+"inverse": blocks mark what stays *visible*, and the final mask (True = masked) is the complement.
+
+Every row gets exactly the same number of visible patches, so the visible tokens of a batch gather
+into a dense ``(B, V, D)`` tensor. All functions here are pure: the only source of randomness is the
+optional ``torch.Generator``, so the same seed always yields the same masks.
+
+Patches are indexed in TIME-MAJOR order: index = t * W + f for a grid of H time rows and W frequency
+columns.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["num_visible", "num_block_centres", "block_marks", "inverse_block_mask"]
+
+
+def num_visible(num_patches: int, mask_prob: float) -> int:
+    """Number of patches left visible per row: ``int(P * (1 - mask_prob))``.
+
+    Evaluated with Python floats exactly like the release, so ``num_visible(512, 0.8) == 102``
+    (``512 * (1 - 0.8)`` is 102.39999999999998, truncated to 102).
+    """
+    return int(num_patches * (1 - mask_prob))
+
+
+def num_block_centres(num_patches: int, mask_prob: float, mask_prob_adjust: float, mask_length: int) -> int:
+    """Number of block centres drawn per row: ``int(P * (1 - mask_prob + mask_prob_adjust) / L**2)``.
+
+    ``mask_prob_adjust`` over-provisions the blocks because overlapping and edge-clamped blocks cover
+    fewer than ``L**2`` patches each; the exact visible count is enforced afterwards.
+    """
+    return int(num_patches * (1 - mask_prob + mask_prob_adjust) / mask_length**2)
+
+
+def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    if len(grid) != 2:
+        raise ValueError(f"grid must be (H, W), got {grid!r}")
+    h, w = int(grid[0]), int(grid[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"grid dimensions must be positive, got {grid!r}")
+    return h, w
+
+
+def block_marks(
+    batch_size: int,
+    grid: tuple[int, int],
+    num_centres: int,
+    mask_length: int = 5,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Union of ``mask_length x mask_length`` blocks around random centres, before any count fix.
+
+    Centres are drawn uniformly over the P patches (duplicates allowed). Offsets run from
+    ``-(L // 2)`` to ``L - 1 - L // 2`` (``-2..2`` for L = 5) along both axes and are clamped to the
+    grid, so blocks touching an edge are truncated rather than wrapped.
+
+    Returns a bool tensor ``(B, H*W)`` with True = marked (a "visible" mark in EAT's inverse masking).
+    Exposed separately so the block structure can be tested before the exact-count fix.
+    """
+    h, w = _check_grid(grid)
+    num_patches = h * w
+    marks = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
+    if num_centres <= 0 or batch_size == 0:
+        return marks
+    centres = torch.randint(
+        0, num_patches, (batch_size, num_centres), generator=generator, device=device
+    )  # (B, n_c)
+    rows, cols = centres // w, centres % w  # (B, n_c) each
+    offsets = range(-(mask_length // 2), mask_length - mask_length // 2)
+    for dt in offsets:
+        r = (rows + dt).clamp_(0, h - 1)
+        for df in offsets:
+            c = (cols + df).clamp_(0, w - 1)
+            marks.scatter_(1, r * w + c, True)
+    return marks
+
+
+def inverse_block_mask(
+    batch_size: int,
+    grid: tuple[int, int],
+    mask_prob: float = 0.8,
+    mask_length: int = 5,
+    mask_prob_adjust: float = 0.07,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """EAT's inverse block mask: ``(B, H*W)`` bool, True = masked.
+
+    1. Mark ``num_block_centres(...)`` clamped blocks per row as visible (``block_marks``).
+    2. Force exactly ``V = num_visible(P, mask_prob)`` visible patches per row: if a row has too many
+       marks, a uniformly random subset of V marks is kept; if too few, uniformly random unmarked
+       patches are added. Both cases are one vectorised top-k over random keys in which marked
+       patches rank above unmarked ones (the same distribution as unmarking/marking at random).
+    3. Invert: everything not visible is masked.
+
+    ``device`` (an addition to the design signature) chooses where the mask is built; a generator, if
+    given, must live on that device.
+    """
+    h, w = _check_grid(grid)
+    num_patches = h * w
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    if mask_length < 1:
+        raise ValueError(f"mask_length must be >= 1, got {mask_length}")
+    n_visible = num_visible(num_patches, mask_prob)
+    n_centres = num_block_centres(num_patches, mask_prob, mask_prob_adjust, mask_length)
+    marks = block_marks(batch_size, grid, n_centres, mask_length, generator=generator, device=device)
+
+    # Marked patches get keys in [1, 2), unmarked in [0, 1): top-V keeps marked ones first, each
+    # group in uniformly random order.
+    keys = torch.rand(
+        batch_size, num_patches, generator=generator, device=marks.device, dtype=torch.float64
+    ) + marks.double()  # (B, P); float64 keeps ties among marked keys negligible
+    keep = keys.topk(n_visible, dim=1, sorted=False).indices  # (B, V)
+    visible = torch.zeros_like(marks).scatter_(1, keep, True)
+    return ~visible

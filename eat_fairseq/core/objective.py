@@ -1,0 +1,77 @@
+"""EAT's targets and Utterance-Frame Objective (UFO) (reference section 3).
+
+The teacher's targets are layer-averaged, normalised FFN outputs; the student is scored with a frame
+loss on masked patches (decoder predictions) and an utterance loss on its CLS token (against the
+patch-mean of the targets). All arithmetic here runs in float32 whatever the input dtype, because the
+targets are small normalised values and fp16 squared errors lose precision.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["teacher_targets", "frame_errors", "ufo_loss", "UTTERANCE_REDUCTIONS"]
+
+UTTERANCE_REDUCTIONS = ("release", "mean")
+
+
+def _instance_norm_patches(y: Tensor) -> Tensor:
+    """Normalise ``(B, P, D)`` over P per sample and channel (eps 1e-5, no affine), in fp32."""
+    return F.instance_norm(y.float().transpose(1, 2), eps=1e-5).transpose(1, 2)
+
+
+def teacher_targets(ffn_outputs: Sequence[Tensor], top_k: int) -> Tensor:
+    """Targets ``(B, P, D)`` from the teacher blocks' FFN outputs (each ``(B, 1+P, D)``, CLS first).
+
+    For each of the last ``top_k`` blocks: drop the CLS row and instance-normalise over the patch
+    axis (per sample and channel, eps 1e-5, no affine); average the K layers; LayerNorm over D (no
+    affine, eps 1e-5). Normalising each layer first keeps any one layer's scale from dominating.
+    """
+    if not 1 <= top_k <= len(ffn_outputs):
+        raise ValueError(f"top_k must be in 1..{len(ffn_outputs)}, got {top_k}")
+    y = sum(_instance_norm_patches(t[:, 1:]) for t in ffn_outputs[-top_k:]) / top_k  # (B, P, D)
+    return F.layer_norm(y, y.shape[-1:], eps=1e-5)  # (B, P, D)
+
+
+def frame_errors(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-row error ``sum_d (pred - target)^2 / sqrt(D)``: ``(N, D), (N, D) -> (N,)`` in float32."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    diff = pred.float() - target.float()
+    return diff.pow(2).sum(-1) / math.sqrt(pred.shape[-1])
+
+
+def ufo_loss(
+    frame_err: Tensor,
+    utterance_err: Tensor,
+    utterance_weight: float = 1.0,
+    reduction: str = "release",
+) -> tuple[Tensor, int]:
+    """Combine the frame and utterance errors into ``(loss_sum, sample_size)``.
+
+    ``frame_err`` is ``(M,)`` over the M masked patches of all B*clone rows; ``utterance_err`` is
+    ``(B*clone,)``. ``sample_size = M``; the trainer divides ``loss_sum`` by it, so the optimised
+    quantity per device is ``loss_sum / M``:
+
+    - ``"release"`` (the authors' code, default):
+      ``loss_sum = frame_err.sum() + w * M * utterance_err.sum()``, i.e. per device
+      ``mean(frame_err) + w * SUM(utterance_err)``. The utterance term is summed over the B*clone
+      rows, so its weight relative to the frame term grows with the per-device batch (192 rows in the
+      release: 12 clips x 16 clones).
+    - ``"mean"`` (batch-size independent):
+      ``loss_sum = frame_err.sum() + w * M * utterance_err.mean()``, i.e. per device
+      ``mean(frame_err) + w * mean(utterance_err)``.
+
+    ``w`` is ``utterance_weight`` (lambda in the paper).
+    """
+    if reduction not in UTTERANCE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {UTTERANCE_REDUCTIONS}, got {reduction!r}")
+    sample_size = frame_err.numel()
+    frame_err = frame_err.float()
+    utterance_err = utterance_err.float()
+    utt = utterance_err.sum() if reduction == "release" else utterance_err.mean()
+    loss = frame_err.sum() + utterance_weight * sample_size * utt
+    return loss, sample_size

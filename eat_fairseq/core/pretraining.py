@@ -1,0 +1,239 @@
+"""EAT pre-training model: student encoder, CNN decoder and EMA teacher (reference section 3).
+
+One forward computes everything the Utterance-Frame Objective needs:
+
+1. the teacher (EMA copy of the encoder, fp32, eval, no grad) encodes the full unmasked clip and its
+   top-K FFN outputs become targets ``(B, P, D)``;
+2. the student embeds the clip once, repeats it ``clone_batch`` times (multi-mask), keeps each copy's
+   visible patches and encodes them with CLS;
+3. the CNN decoder predicts every patch; the frame error is taken on masked patches only, the
+   utterance error between the student CLS and the patch-mean of the targets.
+
+The loss reduction itself lives in :func:`eat_fairseq.core.objective.ufo_loss` so that a trainer can
+divide by ``sample_size`` like fairseq does.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import CNNDecoder
+from .ema import ema_decay_at, ema_update_
+from .encoder import EATEncoder, EncoderConfig
+from .masking import inverse_block_mask
+from .objective import frame_errors, teacher_targets
+
+__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters"]
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines EAT pre-training except the optimiser. Defaults are EAT-base."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    clone_batch: int = 16
+    mask_prob: float = 0.8
+    mask_prob_adjust: float = 0.07
+    mask_length: int = 5
+    decoder_dim: int = 768
+    decoder_depth: int = 6
+    decoder_kernel_size: int = 3
+    decoder_groups: int = 16
+    mask_noise_std: float = 0.01
+    average_top_k_layers: int = 12
+    ema_decay: float = 0.9998
+    ema_end_decay: float = 0.99999
+    ema_anneal_end_step: int = 100000
+    utterance_loss_weight: float = 1.0
+    utterance_reduction: str = "release"
+
+    @classmethod
+    def base(cls, **overrides: Any) -> "PretrainConfig":
+        """EAT-base (12 x 768, decoder 6 blocks k3)."""
+        return cls(**{"encoder": EncoderConfig.base(), **overrides})
+
+    @classmethod
+    def large(cls, **overrides: Any) -> "PretrainConfig":
+        """EAT-large: 24 x 1024, mask_prob 0.75 / adjust 0.1, decoder 3 blocks k5 dim 1024, anneal 150k."""
+        values: dict[str, Any] = {
+            "encoder": EncoderConfig.large(),
+            "mask_prob": 0.75,
+            "mask_prob_adjust": 0.1,
+            "decoder_dim": 1024,
+            "decoder_depth": 3,
+            "decoder_kernel_size": 5,
+            "average_top_k_layers": 24,
+            "ema_anneal_end_step": 150000,
+        }
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "PretrainConfig":
+        """CPU-sized model for tests: 2 x 64 encoder, 2-block decoder of width 64, 2 clones."""
+        values: dict[str, Any] = {
+            "encoder": EncoderConfig.tiny(),
+            "decoder_dim": 64,
+            "decoder_depth": 2,
+            "average_top_k_layers": 2,
+            "clone_batch": 2,
+        }
+        return cls(**{**values, **overrides})
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``module`` (optionally only those with requires_grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _mean_std(x: Tensor) -> Tensor:
+    """Mean over channels of the std across rows: a collapse detector (near 0 = collapsed)."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()
+
+
+class EATPretrainingModel(nn.Module):
+    """Student ``encoder``, ``decoder`` and EMA ``teacher`` for EAT pre-training.
+
+    ``__init__`` calls ``super().__init__()`` with no arguments so that a fairseq shell can subclass
+    this together with ``BaseFairseqModel``.
+    """
+
+    def __init__(self, cfg: PretrainConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else PretrainConfig()
+        self.cfg = cfg
+        if not 1 <= cfg.average_top_k_layers <= cfg.encoder.depth:
+            raise ValueError(
+                f"average_top_k_layers={cfg.average_top_k_layers} must be in 1..depth={cfg.encoder.depth}"
+            )
+        self.encoder = EATEncoder(cfg.encoder)
+        self.decoder = CNNDecoder(
+            cfg.encoder.embed_dim,
+            decoder_dim=cfg.decoder_dim,
+            depth=cfg.decoder_depth,
+            kernel_size=cfg.decoder_kernel_size,
+            groups=cfg.decoder_groups,
+            noise_std=cfg.mask_noise_std,
+        )
+        self.teacher = copy.deepcopy(self.encoder)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        # How many EMA updates the teacher has received; persistent so a resumed run is exact.
+        self.register_buffer("num_ema_updates", torch.zeros((), dtype=torch.long), persistent=True)
+
+    # -- teacher housekeeping ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "EATPretrainingModel":
+        """Switch student/decoder mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "EATPretrainingModel":
+        """Like ``nn.Module._apply``, but the teacher only follows device moves, never dtype casts.
+
+        ``model.half()`` / ``.bfloat16()`` (e.g. fairseq's fp16 mode) would otherwise turn the teacher
+        into fp16; a cast is detected from ``fn``'s result and replaced by a device move of the
+        original fp32 tensor, so no precision is lost.
+        """
+        if recurse:
+            for name, module in self.named_children():
+                module._apply(_keep_float32(fn) if name == "teacher" else fn)
+        return super()._apply(fn, recurse=False)
+
+    def ema_decay_at(self, num_updates: int) -> float:
+        """EMA decay this model uses after ``num_updates`` optimizer updates."""
+        return ema_decay_at(
+            num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step
+        )
+
+    @torch.no_grad()
+    def ema_step(self, num_updates: int) -> float:
+        """Move the teacher towards the student (call after each optimizer step); returns the decay."""
+        decay = self.ema_decay_at(num_updates)
+        ema_update_(self.teacher, self.encoder, decay)
+        self.num_ema_updates += 1
+        return decay
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_targets(self, fbank: Tensor) -> Tensor:
+        """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input (autocast disabled)."""
+        with torch.autocast(device_type=fbank.device.type, enabled=False):
+            _, ffn_outputs = self.teacher(fbank.float())
+            return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
+
+    def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""
+        return inverse_block_mask(
+            batch_size,
+            grid,
+            mask_prob=self.cfg.mask_prob,
+            mask_length=self.cfg.mask_length,
+            mask_prob_adjust=self.cfg.mask_prob_adjust,
+            device=device,
+        )
+
+    def forward(self, fbank: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
+        """Errors for the UFO loss.
+
+        ``fbank`` ``(B, 1, T, F)`` or ``(B, T, F)``; ``mask`` ``(B*clone, P)`` bool (True = masked),
+        rows ``i*clone .. i*clone+clone-1`` belonging to clip i, or None to draw masks here.
+        Returns ``frame_err (M,)``, ``utterance_err (B*clone,)``, ``sample_size`` (M, int),
+        ``target_var``, ``pred_var`` (0-dim detached tensors) and ``masked_pct`` (float).
+        """
+        clone = self.cfg.clone_batch
+        targets = self.compute_targets(fbank)  # (B, P, D) fp32
+
+        x = self.encoder.embed(fbank)  # (B, P, D)
+        b, p, d = x.shape
+        grid = self.encoder.grid(fbank.shape[-2])
+        x = x.repeat_interleave(clone, dim=0)  # (B*clone, P, D)
+        if mask is None:
+            mask = self.make_mask(b * clone, grid, x.device)
+        mask = mask.to(device=x.device, dtype=torch.bool)
+        if mask.shape != (b * clone, p):
+            raise ValueError(f"mask must have shape {(b * clone, p)} (B*clone, P), got {tuple(mask.shape)}")
+        visible = self.encoder.gather_visible(x, mask)  # (B*clone, V, D)
+        x, _ = self.encoder.encode(visible)  # (B*clone, 1+V, D)
+
+        pred = self.decoder(x[:, 1:], mask, grid)  # (B*clone, P, D)
+        pred = pred[mask]  # (M, D)
+        target = targets.repeat_interleave(clone, dim=0)  # (B*clone, P, D)
+        frame_err = frame_errors(pred, target[mask])  # (M,)
+
+        utterance_target = targets.mean(dim=1).repeat_interleave(clone, dim=0)  # (B*clone, D)
+        utterance_err = frame_errors(x[:, 0], utterance_target)  # (B*clone,)
+
+        sample_size = int(frame_err.numel())
+        return {
+            "frame_err": frame_err,
+            "utterance_err": utterance_err,
+            "sample_size": sample_size,
+            "target_var": _mean_std(target[mask]),
+            "pred_var": _mean_std(pred),
+            "masked_pct": sample_size / float(b * clone * p),
+        }
+
+    def extract_features(self, fbank: Tensor, layer: int | None = None) -> Tensor:
+        """Unmasked student features ``(B, 1+P, D)``; see :meth:`EATEncoder.extract_features`."""
+        return self.encoder.extract_features(fbank, layer=layer)
+
+
+def _keep_float32(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Wrap an ``_apply`` function so float32 tensors keep their dtype and only change device."""
+
+    def apply(t: Tensor) -> Tensor:
+        out = fn(t)
+        if t.dtype == torch.float32 and out.dtype != torch.float32:
+            return t.to(device=out.device)
+        return out
+
+    return apply

@@ -1,0 +1,301 @@
+"""fairseq shells for EAT pre-training: task ``eat_pretraining``, model ``eat``, criterion ``eat_ufo``.
+
+Everything that computes lives in :mod:`eat_fairseq.core`; this module only maps configs to it and
+plugs it into fairseq's training loop (data loading, the EMA step after each optimizer step, logging).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from eat_fairseq.core.encoder import EncoderConfig
+from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
+from eat_fairseq.core.objective import ufo_loss
+from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+
+from .data import EATAudioDataset, MaskSpec
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(EncoderConfig))
+PRETRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(PretrainConfig) if f.name != "encoder")
+
+
+def encoder_config_from(cfg: Any) -> EncoderConfig:
+    """Build the core EncoderConfig from a flat config (fairseq model cfg, dict or DictConfig)."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    return EncoderConfig(**{k: get(k) for k in ENCODER_FIELDS if get(k, None) is not None})
+
+
+def pretrain_config_from(cfg: Any) -> PretrainConfig:
+    """Build the core PretrainConfig from the flat fairseq model config."""
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    rest = {k: get(k) for k in PRETRAIN_FIELDS if get(k, None) is not None}
+    return PretrainConfig(encoder=encoder_config_from(cfg), **rest)
+
+
+# --------------------------------------------------------------------------------------------------
+# task
+
+
+@dataclass
+class EATPretrainingTaskConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "folder with {split}.tsv manifests"})
+    sample_rate: int = field(default=16000, metadata={"help": "audio is resampled to this rate"})
+    target_length: int = field(
+        default=1024, metadata={"help": "fbank frames per clip after zero-padding at the end or cropping"}
+    )
+    norm_mean: float = field(default=AUDIOSET_MEAN, metadata={"help": "fbank mean for (x - mean) / (2 std)"})
+    norm_std: float = field(default=AUDIOSET_STD, metadata={"help": "fbank std for (x - mean) / (2 std)"})
+    min_sample_size: int = field(
+        default=0, metadata={"help": "drop clips shorter than this many samples (native rate) at load time"}
+    )
+    on_bad_file: ChoiceEnum(["raise", "skip"]) = field(  # type: ignore[valid-type]
+        default="raise",
+        metadata={"help": "raise: stop on a missing/unreadable/NaN file; skip: drop it from its batch and count it"},
+    )
+    precompute_mask: bool = field(
+        default=True, metadata={"help": "compute the inverse block masks in the data-loader workers"}
+    )
+    clone_batch: int = II("model.clone_batch")
+    mask_prob: float = II("model.mask_prob")
+    mask_length: int = II("model.mask_length")
+    mask_prob_adjust: float = II("model.mask_prob_adjust")
+    seed: int = II("common.seed")
+
+
+@register_task("eat_pretraining", dataclass=EATPretrainingTaskConfig)
+class EATPretrainingTask(FairseqTask):
+    """Self-supervised EAT pre-training on unlabelled audio from TSV manifests."""
+
+    cfg: EATPretrainingTaskConfig
+
+    def __init__(self, cfg: EATPretrainingTaskConfig) -> None:
+        super().__init__(cfg)
+
+    @classmethod
+    def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
+        return cls(cfg)
+
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig(
+            sample_rate=self.cfg.sample_rate,
+            target_length=self.cfg.target_length,
+            norm_mean=self.cfg.norm_mean,
+            norm_std=self.cfg.norm_std,
+        )
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
+        manifest = os.path.join(self.cfg.data, f"{split}.tsv")
+        if not os.path.exists(manifest):
+            raise FileNotFoundError(f"no manifest for split {split!r}: {manifest} does not exist")
+        mask = None
+        if self.cfg.precompute_mask:
+            mask = MaskSpec(
+                clone_batch=self.cfg.clone_batch,
+                mask_prob=self.cfg.mask_prob,
+                mask_length=self.cfg.mask_length,
+                mask_prob_adjust=self.cfg.mask_prob_adjust,
+                seed=self.cfg.seed,
+            )
+        self.datasets[split] = EATAudioDataset(
+            manifest,
+            features=self.feature_config(),
+            min_samples=self.cfg.min_sample_size,
+            on_error=str(self.cfg.on_bad_file),
+            mask=mask,
+            shuffle=True,
+            seed=self.cfg.seed,
+        )
+
+    def optimizer_step(self, optimizer: Any, model: torch.nn.Module, update_num: int) -> None:
+        """Step the optimizer, then move the EMA teacher towards the new student weights."""
+        super().optimizer_step(optimizer, model, update_num)
+        core = model
+        while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):
+            core = core.module  # unwrap distributed wrappers
+        if hasattr(core, "ema_step"):
+            core.ema_step(update_num)
+
+    @property
+    def source_dictionary(self) -> None:
+        return None
+
+    @property
+    def target_dictionary(self) -> None:
+        return None
+
+    def max_positions(self) -> Optional[int]:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class EATModelConfig(FairseqDataclass):
+    # encoder (reference section 2)
+    embed_dim: int = field(default=768, metadata={"help": "transformer width D"})
+    depth: int = field(default=12, metadata={"help": "number of transformer blocks"})
+    num_heads: int = field(default=12, metadata={"help": "attention heads"})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "FFN hidden size / D"})
+    patch_size: int = field(default=16, metadata={"help": "square patch size on the (T, F) fbank"})
+    in_chans: int = field(default=1, metadata={"help": "input channels of the patch embedding"})
+    num_mel_bins: int = field(default=128, metadata={"help": "fbank bins F"})
+    max_length: int = field(default=768, metadata={"help": "time patches covered by the sin-cos table"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon of the encoder"})
+    drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth (0 in pre-training)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout after attention/FFN projections"})
+    attn_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+    # multi-mask (reference section 3)
+    clone_batch: int = field(default=16, metadata={"help": "masked copies per clip (multi-mask)"})
+    mask_prob: float = field(default=0.8, metadata={"help": "fraction of patches masked"})
+    mask_prob_adjust: float = field(default=0.07, metadata={"help": "extra block centres in inverse masking"})
+    mask_length: int = field(default=5, metadata={"help": "block side of the inverse block mask"})
+    # decoder
+    decoder_dim: int = field(default=768, metadata={"help": "channels of the CNN decoder"})
+    decoder_depth: int = field(default=6, metadata={"help": "conv blocks of the decoder"})
+    decoder_kernel_size: int = field(default=3, metadata={"help": "decoder conv kernel size"})
+    decoder_groups: int = field(default=16, metadata={"help": "decoder conv groups"})
+    mask_noise_std: float = field(default=0.01, metadata={"help": "std of the noise filling masked positions"})
+    # teacher
+    average_top_k_layers: int = field(default=12, metadata={"help": "teacher blocks averaged into targets"})
+    ema_decay: float = field(default=0.9998, metadata={"help": "EMA decay at update 0"})
+    ema_end_decay: float = field(default=0.99999, metadata={"help": "EMA decay after the anneal"})
+    ema_anneal_end_step: int = field(default=100000, metadata={"help": "updates of the linear decay anneal"})
+    # objective
+    utterance_loss_weight: float = field(default=1.0, metadata={"help": "lambda of the utterance loss"})
+    utterance_reduction: ChoiceEnum(["release", "mean"]) = field(  # type: ignore[valid-type]
+        default="release",
+        metadata={
+            "help": "release: utterance term summed over the B*clone rows (its weight grows with the "
+            "per-device batch, as the authors' code); mean: averaged over rows (batch-size independent)"
+        },
+    )
+
+
+@register_model("eat", dataclass=EATModelConfig)
+class EATModel(EATPretrainingModel, BaseFairseqModel):
+    """The core pre-training model (student, CNN decoder, EMA teacher) as a fairseq model.
+
+    Subclassing the core keeps the state-dict names identical to the core's, so checkpoints written
+    by fairseq load into the fairseq-free API unchanged.
+    """
+
+    def __init__(self, cfg: EATModelConfig) -> None:
+        super().__init__(pretrain_config_from(cfg))
+        self.fairseq_cfg = cfg
+        self.num_updates = 0
+
+    @classmethod
+    def build_model(cls, cfg: EATModelConfig, task: Optional[FairseqTask] = None) -> "EATModel":
+        return cls(cfg)
+
+    def forward(self, source: torch.Tensor, mask: Optional[torch.Tensor] = None, **unused: Any) -> Dict[str, Any]:
+        return super().forward(source, mask)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+
+    def get_num_updates(self) -> int:
+        return self.num_updates
+
+
+# --------------------------------------------------------------------------------------------------
+# criterion
+
+
+@dataclass
+class EATUFOCriterionConfig(FairseqDataclass):
+    pass
+
+
+@register_criterion("eat_ufo", dataclass=EATUFOCriterionConfig)
+class EATUFOCriterion(FairseqCriterion):
+    """Utterance-frame objective: frame loss on masked patches + lambda * utterance (CLS) loss.
+
+    The weight and reduction come from the model config (``utterance_loss_weight``,
+    ``utterance_reduction``); see :func:`eat_fairseq.core.objective.ufo_loss`.
+    """
+
+    def __init__(self, cfg: EATUFOCriterionConfig, task: FairseqTask) -> None:
+        super().__init__(task)
+
+    def forward(self, model: torch.nn.Module, sample: Dict[str, Any], reduce: bool = True):
+        core = model
+        while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):
+            core = core.module
+        net_input = sample["net_input"]
+        out = model(source=net_input["source"], mask=net_input.get("mask"))
+        loss, sample_size = ufo_loss(
+            out["frame_err"],
+            out["utterance_err"],
+            utterance_weight=core.cfg.utterance_loss_weight,
+            reduction=str(core.cfg.utterance_reduction),
+        )
+        frame_sum = out["frame_err"].detach().float().sum().item()
+        utt = out["utterance_err"].detach().float()
+        n_rows = utt.numel()
+        logging_output = {
+            "loss": loss.detach().float().item(),
+            "frame_loss": frame_sum,
+            "utterance_loss": utt.sum().item(),
+            "ntokens": int(sample_size),
+            "nsentences": int(sample["id"].numel()),
+            "nrows": n_rows,
+            "sample_size": int(sample_size),
+            "nbatches": 1,
+            "target_var": _as_float(out.get("target_var", 0.0)),
+            "pred_var": _as_float(out.get("pred_var", 0.0)),
+            "masked_pct": _as_float(out.get("masked_pct", 0.0)),
+            "ema_decay": float(core.ema_decay_at(getattr(core, "num_updates", 0))),
+            "skipped": int(sample.get("skipped", 0)),
+        }
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
+        def total(key: str) -> float:
+            return float(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size = total("sample_size")
+        nrows = total("nrows")
+        nbatches = total("nbatches")
+        if sample_size > 0:
+            metrics.log_scalar("loss", total("loss") / sample_size, sample_size, round=4)
+            metrics.log_scalar("frame_loss", total("frame_loss") / sample_size, sample_size, round=4)
+        if nrows > 0:
+            metrics.log_scalar("utterance_loss", total("utterance_loss") / nrows, nrows, round=4)
+        if nbatches > 0:
+            for key in ("target_var", "pred_var", "masked_pct"):
+                metrics.log_scalar(key, total(key) / nbatches, nbatches, round=4)
+            metrics.log_scalar("ema_decay", total("ema_decay") / nbatches, nbatches, round=6)
+        skipped = total("skipped")
+        if skipped:
+            metrics.log_scalar_sum("skipped_files", skipped, round=0)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        # every entry above is a sum (divided in reduce_metrics); needed for CPU distributed training
+        return True
+
+
+def _as_float(x: Any) -> float:
+    """A plain Python float: numpy or tensor scalars in logs break weights_only checkpoint loading."""
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().float().item())
+    value = float(x)
+    return 0.0 if math.isnan(value) else value

@@ -1,0 +1,223 @@
+"""Check an existing manifest (and optionally its labels) before spending GPU hours on it.
+
+Manifests are often edited by hand, concatenated, or moved between machines; each of those can leave
+a wrong root, a stale sample count or a label file that is off by one row. Every problem is reported
+with the file and line it is on, so it can be fixed rather than guessed at.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from eat_fairseq.prep.common import MISSING, add_common_args, probe_files, read_lines
+
+HELP_EPILOG = """\
+checks:
+  MANIFEST  line 1 is an existing directory; every other line is relative/path<TAB>n_samples with a
+            positive integer count; no path is listed twice; every file exists, can be decoded, and
+            has exactly n_samples frames (soundfile's count at the native rate).
+  --labels  one line per manifest row, clip_id<TAB>label1,label2,... with a non-empty id and at least
+            one label; ids are unique and match their row's file: the id is the path without its
+            extension, or the file name without extension, or that name is "Y"+id or starts with
+            id+"_" (the AudioSet namings).
+  --descriptors  every label used in --labels is listed in this label_descriptors.csv
+            (index,label[,display_name]; a header line "index,label,..." is allowed).
+Problems are printed as FILE:LINE: message.
+exit status: 0 clean, 1 problems found, 2 bad arguments."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect: ``path`` is the file it is in (manifest, labels or descriptors), ``line`` is
+    1-based within that file (0 when it concerns the file as a whole)."""
+
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+def clip_id_matches(clip_id: str, rel_path: str) -> bool:
+    """Whether a label line's id belongs to a manifest row's file (conventions in ``HELP_EPILOG``)."""
+    name = posixpath.basename(rel_path)
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    no_ext = rel_path[: len(rel_path) - len(name)] + stem
+    return clip_id in (no_ext, stem) or stem == "Y" + clip_id or stem.startswith(clip_id + "_")
+
+
+def read_descriptor_labels(path: str | os.PathLike) -> list[str]:
+    """Labels (second column) of a ``label_descriptors.csv``, with or without a header line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and rows[0][0].strip().lower() == "index":
+        rows = rows[1:]
+    return [r[1].strip() for r in rows if len(r) >= 2]
+
+
+def validate_manifest(
+    path: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    descriptors: str | os.PathLike | None = None,
+    workers: int = 1,
+    quiet: bool = True,
+) -> list[Problem]:
+    """Return every problem found in the manifest at ``path`` (and ``labels``/``descriptors``),
+    ordered by file (manifest, labels, descriptors) and line."""
+    mpath = os.fspath(path)
+    try:
+        lines = read_lines(mpath)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [Problem(0, mpath, f"cannot read the manifest: {exc}")]
+    if not lines:
+        return [Problem(0, mpath, "empty file: line 1 must be the root directory")]
+
+    problems: list[Problem] = []
+    root = lines[0]
+    root_ok = False
+    if not root.strip():
+        problems.append(Problem(1, mpath, "line 1 must be the root directory, found an empty line"))
+    elif "\t" in root:
+        problems.append(Problem(1, mpath, "line 1 must be the root directory, found a tab-separated row"))
+    elif not os.path.isdir(root):
+        problems.append(Problem(1, mpath, f"root directory does not exist: {root}"))
+    else:
+        root_ok = True
+
+    rows: list[tuple[int, str, int | None]] = []
+    rel_by_line: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            problems.append(Problem(lineno, mpath, f"expected 2 tab-separated fields (path, n_samples), "
+                                                   f"found {len(fields)}: {line[:80]!r}"))
+            continue
+        rel, count = fields
+        if not rel.strip():
+            problems.append(Problem(lineno, mpath, "empty path"))
+            continue
+        rel_by_line[lineno] = rel
+        if os.path.isabs(rel):
+            problems.append(Problem(lineno, mpath, f"path must be relative to the root: {rel}"))
+            continue
+        n: int | None
+        try:
+            n = int(count)
+        except ValueError:
+            n = None
+        if n is None or n <= 0:
+            problems.append(Problem(lineno, mpath, f"n_samples {count!r} is not a positive integer: {rel}"))
+            n = None
+        key = posixpath.normpath(rel)
+        if key in seen:
+            problems.append(Problem(lineno, mpath, f"duplicate of line {seen[key]}: {rel}"))
+            continue
+        seen[key] = lineno
+        rows.append((lineno, rel, n))
+
+    if root_ok:
+        probes = probe_files([os.path.join(root, rel) for _, rel, _ in rows], workers=workers,
+                             quiet=quiet, desc="checking audio")
+        for (lineno, rel, n), probe in zip(rows, probes):
+            if probe.reason == MISSING:
+                problems.append(Problem(lineno, mpath, f"file not found: {rel}"))
+            elif not probe.ok:
+                problems.append(Problem(lineno, mpath, f"unreadable ({probe.reason}: {probe.detail}): {rel}"))
+            elif n is not None and probe.frames != n:
+                problems.append(Problem(lineno, mpath,
+                                        f"n_samples is {n} but the file has {probe.frames} frames: {rel}"))
+
+    used_labels: dict[str, tuple[str, int]] = {}
+    if labels is not None:
+        problems += _check_labels(os.fspath(labels), len(lines) - 1, rel_by_line, used_labels)
+    if descriptors is not None:
+        problems += _check_descriptors(os.fspath(descriptors), used_labels)
+    order = {mpath: 0, os.fspath(labels) if labels is not None else "": 1}
+    return sorted(problems, key=lambda p: (order.get(p.path, 2), p.line))
+
+
+def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
+                  used_labels: dict[str, tuple[str, int]]) -> list[Problem]:
+    try:
+        lines = read_lines(lpath)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [Problem(0, lpath, f"cannot read the labels: {exc}")]
+    problems = []
+    if len(lines) != n_rows:
+        problems.append(Problem(0, lpath, f"{len(lines)} label lines but the manifest has {n_rows} rows "
+                                          f"(label line k belongs to manifest line k+1)"))
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            problems.append(Problem(lineno, lpath, f"expected 2 tab-separated fields (clip_id, labels), "
+                                                   f"found {len(fields)}: {line[:80]!r}"))
+            continue
+        clip_id, label_field = fields
+        if not clip_id:
+            problems.append(Problem(lineno, lpath, "empty clip id"))
+            continue
+        items = label_field.split(",")
+        if not label_field or any(not item for item in items):
+            problems.append(Problem(lineno, lpath, f"empty label in {label_field!r} ({clip_id})"))
+        for item in items:
+            if item:
+                used_labels.setdefault(item, (lpath, lineno))
+        if clip_id in seen:
+            problems.append(Problem(lineno, lpath, f"duplicate clip id {clip_id} (first on line {seen[clip_id]})"))
+        else:
+            seen[clip_id] = lineno
+        rel = rel_by_line.get(lineno + 1)
+        if rel is not None and not clip_id_matches(clip_id, rel):
+            problems.append(Problem(lineno, lpath, f"clip id {clip_id} does not match manifest line "
+                                                   f"{lineno + 1} ({rel})"))
+    return problems
+
+
+def _check_descriptors(dpath: str, used_labels: dict[str, tuple[str, int]]) -> list[Problem]:
+    try:
+        known = read_descriptor_labels(dpath)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return [Problem(0, dpath, f"cannot read the label descriptors: {exc}")]
+    problems = []
+    if not known:
+        problems.append(Problem(0, dpath, "no labels listed"))
+    known_set = set(known)
+    if len(known_set) != len(known):
+        problems.append(Problem(0, dpath, "a label is listed more than once"))
+    for label, (lpath, lineno) in used_labels.items():
+        if label not in known_set:
+            problems.append(Problem(lineno, lpath, f"label {label} is not in {dpath}"))
+    return problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Check a fairseq audio manifest (and its labels) for problems.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("manifest", metavar="MANIFEST", help="a {split}.tsv file")
+    parser.add_argument("--labels", metavar="LBL", help="the matching {split}.lbl file")
+    parser.add_argument("--descriptors", metavar="CSV", help="label_descriptors.csv to check labels against")
+    add_common_args(parser, force=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problems = validate_manifest(args.manifest, labels=args.labels, descriptors=args.descriptors,
+                                 workers=args.workers, quiet=args.quiet)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found")
+        return 1
+    print(f"{args.manifest}: OK")
+    return 0
