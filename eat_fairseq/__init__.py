@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 """The value to pass as ``common.user_dir`` to fairseq-hydra-train (the imported package's folder)."""
 
+from .api import load_model  # noqa: E402  (fairseq-free inference API)
+
 if importlib.util.find_spec("fairseq") is not None:
     try:
         import fairseq as _fairseq  # noqa: F401

@@ -106,6 +106,12 @@ def vanishing_module(tmp_path: Path):
                 def __init__(self, best, note):
                     self.best = best
                     self.note = note
+
+            class Meters(dict):
+                pass
+
+            class History(list):
+                pass
             """
         )
     )
@@ -122,7 +128,13 @@ def vanishing_module(tmp_path: Path):
 def test_instance_of_a_class_from_a_vanished_module_loads_as_standin(tmp_path: Path, vanishing_module) -> None:
     name, module = vanishing_module
     path = tmp_path / "ckpt.pt"
-    torch.save({"info": module.TrainingInfo(0.25, "best"), "color": module.Color.RED, "w": torch.ones(2)}, path)
+    meters = module.Meters(loss=1.5, n=3)
+    history = module.History([0.1, 0.2])
+    torch.save(
+        {"info": module.TrainingInfo(0.25, "best"), "color": module.Color.RED, "w": torch.ones(2),
+         "meters": meters, "history": history},
+        path,
+    )
     # the module is gone: full unpickling could not even import it
     sys.path.remove(str(Path(module.__file__).parent))
     sys.modules.pop(name)
@@ -133,6 +145,8 @@ def test_instance_of_a_class_from_a_vanished_module_loads_as_standin(tmp_path: P
     assert info.state == {"best": 0.25, "note": "best"}
     assert to_plain(info) == {"best": 0.25, "note": "best"}
     assert to_plain(out["color"]) == "red"  # enums become their value
+    assert to_plain(out["meters"]) == {"loss": 1.5, "n": 3}  # dict / list subclasses keep their items
+    assert to_plain(out["history"]) == [0.1, 0.2]
     assert torch.equal(out["w"], torch.ones(2))
     assert name not in sys.modules  # a stand-in never imports its module
     with pytest.raises(TypeError, match="cannot be pickled"):

@@ -199,20 +199,11 @@ def test_model_initialised_from_pretraining_checkpoint(corpus, tmp_path):
 def _hydra_train_cmd(overrides: list[str]) -> list[str]:
     """fairseq-hydra-train, through a launcher importing the classification module if the package
     import does not register it yet (fairseq's user-dir import only covers what eat_fairseq imports)."""
-    import eat_fairseq.fairseq_ext as ext
-
     base = ["--config-dir", str(REPO / "examples" / "finetuning"), "--config-name", "tiny",
             f"common.user_dir={eat_fairseq.USER_DIR}", *overrides]
     exe = shutil.which("fairseq-hydra-train", path=str(BIN))
-    if exe and "classification" in vars(ext):
-        import subprocess
-
-        probe = subprocess.run(
-            [sys.executable, "-c", "import eat_fairseq.fairseq_ext as e; print('classification' in vars(e))"],
-            capture_output=True, text=True,
-        )
-        if probe.stdout.strip() == "True":
-            return [exe, *base]
+    if exe and _package_registers_classification():
+        return [exe, *base]
     launcher = "import eat_fairseq.fairseq_ext.classification; from fairseq_cli.hydra_train import cli_main; cli_main()"
     return [sys.executable, "-c", launcher, *base]
 
@@ -249,3 +240,56 @@ def test_end_to_end_finetune_and_evaluate(tmp_path):
     assert result["accuracy"] == pytest.approx(float(last["valid_accuracy"]), abs=1e-3)
     lines = eval_out.read_text().splitlines()
     assert len(lines) == 4 and lines[2].split("\t")[2] == "Mid, tone"
+
+
+@pytest.mark.parametrize("name", ["tiny", "as20k", "as2m", "esc50", "spc2", "custom"])
+def test_recipe_configs_use_known_fields(name):
+    cfg = OmegaConf.load(REPO / "examples" / "finetuning" / f"{name}.yaml")
+    assert cfg.hydra.run.dir == "."
+    assert "user_dir" not in cfg.common  # given on the command line (eat-user-dir)
+    sections = {
+        "task": cls_ext.EATClassificationConfig,
+        "model": cls_ext.EATClassifierConfig,
+        "criterion": cls_ext.EATClassificationCriterionConfig,
+        "optimizer": cls_ext.EATAdamConfig,
+    }
+    for section, dataclass in sections.items():
+        known = set(dataclass.__dataclass_fields__) | {"_name"}
+        unknown = set(cfg[section]) - known
+        assert not unknown, f"{name}.yaml {section}: unknown keys {unknown}"
+    assert cfg.model.layer_decay == 0.65 and cfg.optimizer.weight_decay == 0.05
+    assert list(cfg.optimizer.adam_betas) == [0.9, 0.95]
+
+
+def _package_registers_classification() -> bool:
+    import subprocess
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import eat_fairseq.fairseq_ext as e; print('classification' in vars(e))"],
+        capture_output=True, text=True,
+    )
+    return probe.stdout.strip() == "True"
+
+
+def test_esc50_folds_script(tmp_path):
+    if not _package_registers_classification():
+        pytest.skip("eat_fairseq.fairseq_ext does not import classification yet, so fairseq-hydra-train cannot find it")
+    from tests.helpers import run
+
+    corpus = make_labelled_corpus(tmp_path / "corpus", clips_per_split=6, multi_label=False)
+    fold = tmp_path / "esc" / "fold1"
+    fold.mkdir(parents=True)
+    for name in ("train.tsv", "train.lbl", "label_descriptors.csv"):
+        shutil.copy(corpus / name, fold / name)
+    shutil.copy(corpus / "valid.tsv", fold / "eval.tsv")
+    shutil.copy(corpus / "valid.lbl", fold / "eval.lbl")
+    out = run(
+        [sys.executable, str(REPO / "examples" / "finetuning" / "esc50_folds.py"), "--data-root", str(tmp_path / "esc"),
+         "--save-root", str(tmp_path / "runs"), "--folds", "1", "--config-name", "tiny", "--batch-size", "3", "--",
+         "task.multi_label=false", "criterion.loss=ce", "criterion.mixup_prob=0", "dataset.valid_subset=eval",
+         "checkpoint.best_checkpoint_metric=accuracy", "optimization.max_update=3"],
+        cwd=tmp_path,
+    )
+    assert "fold 1: accuracy" in out and "mean accuracy over 1 folds" in out
+    summary = json.loads((tmp_path / "runs" / "esc50_summary.json").read_text())
+    assert 0.0 <= summary["mean_accuracy"] <= 1.0

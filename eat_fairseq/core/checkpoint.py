@@ -126,6 +126,18 @@ class StandIn:
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"] = state
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """Items pickle adds to a dict subclass (SETITEMS), recorded in ``items``."""
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        """Elements pickle adds to a list subclass (APPENDS), recorded in ``elements``."""
+        self.__dict__.setdefault("elements", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        """Bulk form of :meth:`append` (pickle prefers it when present)."""
+        self.__dict__.setdefault("elements", []).extend(values)
+
     def __reduce__(self) -> tuple:
         """Refuse re-pickling: a stand-in saved back would masquerade as the original class."""
         raise TypeError(f"a StandIn for {self.origin} cannot be pickled; convert it with to_plain() first")
@@ -176,7 +188,8 @@ def _standin_to_plain(obj: StandIn) -> Any:
     omegaconf ``DictConfig``/``ListConfig`` -> dict / list of their content; omegaconf value nodes
     (anything carrying ``_val``) -> the value; an object built from exactly one argument and no
     state (how an ``Enum`` member is pickled) -> that argument; anything else -> its recorded state
-    (or ``{"__class__": origin, "args": [...], "kwargs": {...}}`` when it has none).
+    (or ``{"__class__": origin, "args": [...], "kwargs": {...}}`` when it has none). A dict or list
+    subclass (items/elements added by pickle) -> a dict / list of them.
     """
     if obj.origin in _OMEGACONF_DICT or obj.origin in _OMEGACONF_LIST:
         content = _state_dict_of(obj).get("_content")
@@ -185,6 +198,10 @@ def _standin_to_plain(obj: StandIn) -> Any:
         if obj.origin in _OMEGACONF_DICT:
             return {to_plain(k): to_plain(v) for k, v in dict(content).items()}
         return [to_plain(v) for v in content]
+    if "items" in obj.__dict__ or "elements" in obj.__dict__:
+        if "items" in obj.__dict__:
+            return {to_plain(k): to_plain(v) for k, v in obj.__dict__["items"].items()}
+        return [to_plain(v) for v in obj.__dict__["elements"]]
     attrs = _state_dict_of(obj)
     if "_val" in attrs:
         return to_plain(attrs["_val"])
@@ -358,23 +375,24 @@ def _base_table() -> dict[str, Any]:
 
 
 _TABLE: dict[str, Any] | None = None
+_NUMPY_ADDED = False  # numpy's entries are added on first use, so numpy is imported only when needed
 _NUMPY_PREFIXES = ("numpy.",)
 
 
 def _lookup_allowed(module: str, name: str) -> Any | None:
     """The allowed object for ``module.name`` or None."""
-    global _TABLE
+    global _TABLE, _NUMPY_ADDED
     if _TABLE is None:
         _TABLE = _base_table()
     key = f"{module}.{name}"
     if key in _TABLE:
         return _TABLE[key]
-    if key.startswith(_NUMPY_PREFIXES):
+    if key.startswith(_NUMPY_PREFIXES) and not _NUMPY_ADDED:
+        _NUMPY_ADDED = True
         try:
-            numpy_table = _numpy_table()
+            _TABLE.update(_numpy_table())
         except ImportError:
             return None
-        _TABLE.update(numpy_table)
         return _TABLE.get(key)
     return None
 

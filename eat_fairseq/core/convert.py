@@ -268,7 +268,12 @@ def _task_defaults(num_classes: int | None) -> dict[str, Any]:
     if num_classes == 50:
         return {"target_length": 512, "norm_mean": ESC50_MEAN, "norm_std": ESC50_STD, "multi_label": False}
     if num_classes == 35:
-        return {"target_length": 128, "norm_mean": SPEECHCOMMANDS_MEAN, "norm_std": SPEECHCOMMANDS_STD, "multi_label": True}
+        return {
+            "target_length": 128,
+            "norm_mean": SPEECHCOMMANDS_MEAN,
+            "norm_std": SPEECHCOMMANDS_STD,
+            "multi_label": True,
+        }
     return {"target_length": 1024, "norm_mean": AUDIOSET_MEAN, "norm_std": AUDIOSET_STD, "multi_label": True}
 
 
@@ -487,7 +492,9 @@ def convert_hf(
         raise ConversionError(f"Hugging Face state dict: {exc}") from exc
     detected = "finetuned" if "head.weight" in state else "pretrained"
     kind = _resolve_kind(kind, detected)
-    notes = ["Hugging Face port: its fc_norm used eps 1e-5, ours uses 1e-6 (weights unchanged)"] if kind == "finetuned" else []
+    notes: list[str] = []
+    if kind == "finetuned":
+        notes.append("Hugging Face port: its fc_norm used eps 1e-5, ours uses 1e-6 (weights unchanged)")
     cfg_model = dict(config or {})
     if "encoder.pos_embed" not in state:
         try:
@@ -582,13 +589,16 @@ def convert_to_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[di
     ours, summary = convert_ours(ckpt, kind)
     model_cfg = ours["cfg"]["model"]
     state = to_released(ours["model"])
-    task = {k: v for k, v in ours["cfg"]["task"].items() if k in ("target_length", "norm_mean", "norm_std", "sample_rate")}
+    feature_keys = ("target_length", "norm_mean", "norm_std", "sample_rate")
+    task = {k: v for k, v in ours["cfg"]["task"].items() if k in feature_keys}
     if summary.kind == "pretrained":
         cfg_model = _released_model_cfg(model_cfg)
         cfg_task = {"_name": RELEASED_PRETRAIN_TASK, "data": "", **task}
         task_state: dict[str, Any] = {}
     else:
-        pretrain_like = _released_model_cfg({**model_cfg, **dataclasses.asdict(PretrainConfig(encoder=summary.encoder))})
+        preset = PretrainConfig.large() if summary.size == "large" else PretrainConfig.base()
+        pretrain_fields = {k: getattr(preset, k) for k in _PRETRAIN_FIELDS}
+        pretrain_like = _released_model_cfg({**model_cfg, **pretrain_fields})
         cfg_model = {
             "_name": RELEASED_FINETUNE_NAME,
             "num_classes": model_cfg["num_classes"],
@@ -605,7 +615,12 @@ def convert_to_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[di
         "model": state,
         "criterion": None,
         "optimizer_history": [
-            {"criterion_name": "ModelCriterion", "optimizer_name": "FairseqAdam", "lr_scheduler_state": {}, "num_updates": 0}
+            {
+                "criterion_name": "ModelCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {},
+                "num_updates": 0,
+            }
         ],
         "task_state": task_state,
         "extra_state": {},
@@ -685,6 +700,8 @@ def convert_file(
     try:
         torch.save(out, tmp)
         os.replace(tmp, dst)
+    except (OSError, RuntimeError) as exc:
+        raise ConversionError(f"{dst}: cannot write the converted checkpoint: {exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -2,6 +2,11 @@
 
 fairseq's ``--user-dir`` only auto-imports ``tasks/`` and ``models/`` sub-packages, and
 ``checkpoint_utils.load_model_ensemble_and_task`` imports nothing at all, so everything is imported
-here explicitly and ``import eat_fairseq`` is enough.
+here explicitly and ``import eat_fairseq`` is enough. The checkpoint allow-list is installed first so
+that resuming (including a distributed resume) works under torch's default ``weights_only`` loading.
 """
-from . import data, pretraining  # noqa: F401
+from .checkpoint_compat import install_safe_globals
+
+install_safe_globals()
+
+from . import classification, data, pretraining  # noqa: E402,F401

@@ -24,6 +24,8 @@ then checking that dropping any one entry breaks the load again:
   ``dict`` is also the factory of the resolver cache below.
 - ``builtins.int``: ``ListConfig``'s ``key_type``.
 - ``collections.defaultdict``: ``ContainerMetadata.resolver_cache`` is ``defaultdict(dict)``.
+- ``fairseq.distributed.utils._TensorPlaceholder``: a distributed resume broadcasts the loaded state
+  from rank 0 with tensors replaced by these placeholders (an index), then ``torch.load``s it.
 
 Every entry is a class; the weights-only unpickler only instantiates it or restores its
 ``__dict__``/``__setstate__``, none of which runs file-controlled code.
@@ -55,8 +57,10 @@ def safe_globals() -> list[typing.Any]:
     from omegaconf.dictconfig import DictConfig
     from omegaconf.listconfig import ListConfig
     from omegaconf.nodes import AnyNode
+    from fairseq.distributed.utils import _TensorPlaceholder
 
     return [
+        _TensorPlaceholder,
         DictConfig,
         ListConfig,
         AnyNode,

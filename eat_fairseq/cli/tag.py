@@ -1,0 +1,137 @@
+"""``eat-tag``: top-k labels of audio files with a fine-tuned EAT checkpoint.
+
+    eat-tag --checkpoint CKPT [--labels class_labels_indices.csv] [--top-k K] [--json]
+            [--aggregate mean|max] [--batch-size B] [--device cpu|cuda] [--trust-checkpoint] AUDIO...
+
+AUDIO is an audio file or a folder (searched recursively). Scores are sigmoid probabilities for
+multi-label models (AudioSet) and softmax probabilities for single-label ones (ESC-50), as the
+checkpoint records. Clips longer than the model's window are scored per window and combined by
+``--aggregate`` (``mean`` weighted by window length, or per-class ``max``).
+
+Labels are the checkpoint's own (AudioSet: the ``/m/...`` ids). ``--labels`` adds display names
+from a CSV: AudioSet's ``class_labels_indices.csv`` (``index,mid,display_name`` with a header) or a
+``label_descriptors.csv`` (``index,label[,name]``). Names are matched by label when every label of
+the model appears in the file, else by index when the file has exactly one row per class.
+
+Output: per file its path then one ``score  name (label)`` line per label; ``--json`` prints one JSON object
+``{"results": {path: [{"index", "label", "name", "score"}, ...]}, "errors": {path: message}}``.
+Unreadable files are skipped and reported; exit status 0 when at least one file was tagged, 1 when
+all failed or the checkpoint has no classification head (a pre-training checkpoint), 2 for bad
+arguments. Uses only the pure core (no fairseq).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from eat_fairseq.cli.extract import InputError, expand_inputs, load_for_cli, progress, report_errors, run_batches
+from eat_fairseq.core.labels import LabelError, read_label_descriptors
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eat-tag", description="Tag audio files with a fine-tuned EAT checkpoint.")
+    parser.add_argument("audio", nargs="+", metavar="AUDIO", help="audio file or folder")
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned EAT checkpoint (ours, converted or released)")
+    parser.add_argument("--labels", default=None, help="CSV with display names (class_labels_indices.csv)")
+    parser.add_argument("--top-k", type=int, default=5, help="labels per file (default 5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--aggregate", choices=("mean", "max"), default="mean", help="how per-window scores of long clips combine"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="clips loaded / windows scored together")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling (your own files only)"
+    )
+    return parser
+
+
+def display_names(model_labels: list[str], path: str) -> tuple[list[str], Optional[str]]:
+    """Display name per class from a labels CSV, plus a note on how they were matched (or None).
+
+    Raises :class:`~eat_fairseq.core.labels.LabelError` when the file fits the model neither by
+    label nor by index.
+    """
+    label_set = read_label_descriptors(path)
+    by_label = dict(zip(label_set.labels, label_set.display_names))
+    if all(label in by_label for label in model_labels):
+        return [by_label[label] for label in model_labels], None
+    if len(label_set) == len(model_labels):
+        note = f"{path}: labels do not match the checkpoint's, names matched by class index"
+        return list(label_set.display_names), note
+    raise LabelError(
+        f"{path}: {len(label_set)} labels that do not match the checkpoint's {len(model_labels)} classes"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run ``eat-tag``; returns the exit status (module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = parser.prog
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        items, _ = expand_inputs(args.audio, manifests=False)
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    if not items:
+        print(f"{prog}: error: no audio files found in {args.audio}", file=sys.stderr)
+        return 1
+    handle = load_for_cli(args, prog)
+    if handle is None:
+        return 1
+    if handle.labels is None:
+        print(
+            f"{prog}: error: {args.checkpoint} is a {handle.kind} checkpoint without a classification head; "
+            "eat-tag needs a fine-tuned checkpoint (use eat-extract for embeddings)",
+            file=sys.stderr,
+        )
+        return 1
+    names = list(handle.labels)
+    if args.labels:
+        try:
+            names, note = display_names(handle.labels, args.labels)
+        except LabelError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+        if note:
+            print(f"{prog}: note: {note}", file=sys.stderr)
+    top_k = min(args.top_k, len(handle.labels))
+
+    def compute(waves: list[torch.Tensor]) -> list[Any]:
+        return handle.predict_scores(waves, sample_rate=handle.sample_rate, aggregate=args.aggregate)
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    errors: list[tuple[str, str]] = []
+    with progress(len(items), prog) as bar:
+        for item, scores, error in run_batches(handle, items, compute, args.batch_size, bar):
+            if error is not None:
+                errors.append((item.path, error))
+                continue
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            results[item.path] = [
+                {"index": int(i), "label": handle.labels[i], "name": names[i], "score": float(scores[i])} for i in order
+            ]
+            if not args.json:
+                print(item.path)
+                for entry in results[item.path]:
+                    shown = entry["name"] if entry["name"] == entry["label"] else f"{entry['name']} ({entry['label']})"
+                    print(f"  {entry['score']:.4f}  {shown}")
+                sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"results": results, "errors": dict(errors)}, indent=2, ensure_ascii=False))
+    report_errors(errors, None, len(items), prog)
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
