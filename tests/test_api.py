@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -357,13 +358,9 @@ def test_real_fairseq_finetuned_checkpoint(tmp_path: Path) -> None:
         (data / f"{split}.tsv").write_text("\n".join(tsv) + "\n")
         (data / f"{split}.lbl").write_text("\n".join(lbl) + "\n")
     save = tmp_path / "ckpt"
-    # the launcher registers the classification task even if the package import does not (yet)
-    launcher = (
-        "import sys; sys.argv[0] = 'fairseq-hydra-train'; import eat_fairseq.fairseq_ext.classification; "
-        "from fairseq_cli.hydra_train import cli_main; cli_main()"
-    )
+    exe = shutil.which("fairseq-hydra-train", path=str(Path(sys.executable).parent)) or "fairseq-hydra-train"
     cmd = [
-        sys.executable, "-c", launcher, "--config-dir", str(REPO / "examples" / "finetuning"), "--config-name", "tiny",
+        exe, "--config-dir", str(REPO / "examples" / "finetuning"), "--config-name", "tiny",
         f"common.user_dir={eat_fairseq.USER_DIR}", f"task.data={data}", f"checkpoint.save_dir={save}",
         "optimization.max_update=4", "task.multi_label=false", "criterion.loss=ce", "task.per_class_ap_dir=null",
     ]

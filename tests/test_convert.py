@@ -389,8 +389,7 @@ def _fairseq_loader(model_name: str):
     from fairseq import checkpoint_utils
     from fairseq.models import MODEL_REGISTRY
 
-    if model_name not in MODEL_REGISTRY:
-        pytest.skip(f"fairseq model {model_name!r} is not registered by `import eat_fairseq` yet")
+    assert model_name in MODEL_REGISTRY, f"`import eat_fairseq` did not register fairseq model {model_name!r}"
     return checkpoint_utils
 
 

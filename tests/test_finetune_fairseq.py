@@ -197,15 +197,10 @@ def test_model_initialised_from_pretraining_checkpoint(corpus, tmp_path):
 
 
 def _hydra_train_cmd(overrides: list[str]) -> list[str]:
-    """fairseq-hydra-train, through a launcher importing the classification module if the package
-    import does not register it yet (fairseq's user-dir import only covers what eat_fairseq imports)."""
-    base = ["--config-dir", str(REPO / "examples" / "finetuning"), "--config-name", "tiny",
+    """The plain fairseq-hydra-train command a user runs (the user dir registers everything)."""
+    exe = shutil.which("fairseq-hydra-train", path=str(BIN)) or "fairseq-hydra-train"
+    return [exe, "--config-dir", str(REPO / "examples" / "finetuning"), "--config-name", "tiny",
             f"common.user_dir={eat_fairseq.USER_DIR}", *overrides]
-    exe = shutil.which("fairseq-hydra-train", path=str(BIN))
-    if exe and _package_registers_classification():
-        return [exe, *base]
-    launcher = "import eat_fairseq.fairseq_ext.classification; from fairseq_cli.hydra_train import cli_main; cli_main()"
-    return [sys.executable, "-c", launcher, *base]
 
 
 def test_end_to_end_finetune_and_evaluate(tmp_path):
@@ -261,19 +256,7 @@ def test_recipe_configs_use_known_fields(name):
     assert list(cfg.optimizer.adam_betas) == [0.9, 0.95]
 
 
-def _package_registers_classification() -> bool:
-    import subprocess
-
-    probe = subprocess.run(
-        [sys.executable, "-c", "import eat_fairseq.fairseq_ext as e; print('classification' in vars(e))"],
-        capture_output=True, text=True,
-    )
-    return probe.stdout.strip() == "True"
-
-
 def test_esc50_folds_script(tmp_path):
-    if not _package_registers_classification():
-        pytest.skip("eat_fairseq.fairseq_ext does not import classification yet, so fairseq-hydra-train cannot find it")
     from tests.helpers import run
 
     corpus = make_labelled_corpus(tmp_path / "corpus", clips_per_split=6, multi_label=False)
