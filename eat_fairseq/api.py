@@ -161,7 +161,13 @@ def _encoder_config(state: Mapping[str, Tensor], cfg_model: Mapping[str, Any], p
     values = {**recorded}
     for name in ("embed_dim", "depth", "mlp_ratio", "patch_size", "in_chans", "max_length"):
         values[name] = getattr(shaped, name)
-    values.setdefault("num_heads", shaped.num_heads)
+    if "num_heads" not in values:
+        if shaped.embed_dim not in (768, 1024):
+            raise ModelLoadError(
+                f"the checkpoint records no num_heads for its D={shaped.embed_dim} encoder; only the released "
+                "sizes (768/12, 1024/16) can be inferred from shapes"
+            )
+        values["num_heads"] = shaped.num_heads
     values.update(drop_path_rate=0.0, dropout=0.0, attn_dropout=0.0)
     return EncoderConfig(**values)
 
@@ -179,12 +185,14 @@ def _feature_config(cfg_task: Mapping[str, Any], num_mel_bins: int) -> FeatureCo
 
 
 def _multi_label(cfg: Mapping[str, Any]) -> bool:
-    flag = _dig(cfg, "task", "multi_label")
-    if isinstance(flag, bool):
-        return flag
+    """Sigmoid scores for heads trained with BCE (even single-label sets such as Speech Commands),
+    softmax for cross-entropy; the training loss decides first, the task's label format second."""
     loss = _dig(cfg, "criterion", "loss")
     if isinstance(loss, str):
         return not loss.startswith("ce")
+    flag = _dig(cfg, "task", "multi_label")
+    if isinstance(flag, bool):
+        return flag
     return True
 
 
@@ -255,7 +263,7 @@ def load_model(
         raise ModelLoadError(f"{name}: no '{prefix}*' weights in the checkpoint")
     try:
         enc_cfg = _encoder_config(state, cfg_model, prefix)
-    except KeyError as exc:
+    except (KeyError, ModelLoadError) as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
     feat_cfg = _feature_config(cfg_task, enc_cfg.num_mel_bins)
 

@@ -242,7 +242,7 @@ def test_released_file_needs_more_than_weights_only_but_converted_file_does_not(
     """Reference section 7 / fairseq-notes trap 5: the released file defeats torch's default loader."""
     src, ours = tmp_path / "released.pt", tmp_path / "ours.pt"
     write_released(src, "finetuned", released_finetuned_state(64, 1, 5, _random_fill()),
-                   labels={str(i): str(i) for i in range(5)})
+                   labels={str(i): str(i) for i in range(5)}, heads=4)
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
         torch.load(src)
     convert_file(src, ours)
@@ -272,7 +272,7 @@ def test_positions_that_are_not_the_sincos_table_are_not_extended(tmp_path: Path
     state = released_pretrained_state(64, 1, 1, 3, _random_fill(), rows=512)
     state[f"{P}fixed_positional_encoder.positions"] = torch.randn(1, 512, 64)
     src = tmp_path / "odd.pt"
-    write_released(src, "pretrained", state)
+    write_released(src, "pretrained", state, heads=4)
     with pytest.raises(ConversionError, match="pos_embed"):
         convert_file(src, tmp_path / "ours.pt")
     assert not (tmp_path / "ours.pt").exists()
@@ -322,6 +322,9 @@ def test_hf_encoder_only_becomes_pretraining_checkpoint_with_notes(tmp_path: Pat
     tensors = _hf_state(64, 1, None, _random_fill(2))
     src = tmp_path / "encoder.safetensors"
     save_file(tensors, str(src))
+    with pytest.raises(ConversionError, match="attention heads"):
+        read_any(src)  # D 64 is no released size, and nothing records the heads
+    (tmp_path / "config.json").write_text(json.dumps({"num_heads": 4}))
     ours, summary = read_any(src)
     assert summary.kind == "pretrained" and any("decoder freshly initialised" in n for n in summary.notes)
     model = ours["model"]
@@ -371,7 +374,7 @@ def test_unrecognised_and_mismatched_sources_raise_conversion_error(tmp_path: Pa
         convert_released({"model": {"foo.weight": torch.zeros(1)}})
     state = released_finetuned_state(64, 1, 3, _random_fill())
     with pytest.raises(ConversionError, match="3 outputs"):
-        convert_released({"cfg": {"model": {"_name": "mae_image_classification"}}, "model": state,
+        convert_released({"cfg": {"model": {"_name": "mae_image_classification", "num_heads": 4}}, "model": state,
                           "task_state": {"labels": {"a": "0", "b": "1"}}})
     src = tmp_path / "t.pt"
     torch.save(torch.zeros(2), src)

@@ -129,3 +129,21 @@ def test_distributed_two_process_cpu(data: Path, tmp_path: Path) -> None:
     assert [int(s["num_updates"]) for s in json_logs(out)][-1] == 5
     state = load_state(save / "checkpoint_last.pt")
     assert state["model"]["num_ema_updates"].item() == 5
+
+
+def test_bf16_keeps_an_fp32_teacher(data: Path, tmp_path: Path) -> None:
+    """common.bf16 casts the model; the EMA teacher stays fp32 with an exact position table."""
+    from eat_fairseq.core.encoder import sincos_pos_embed_2d
+
+    save = tmp_path / "bf16"
+    out = run(hydra_train_cmd(CONFIGS, "eat_tiny", tiny_overrides(data, save, 3, ("common.bf16=true",))), cwd=tmp_path)
+    assert [int(s["num_updates"]) for s in json_logs(out)] == [1, 2, 3]
+    model = load_state(save / "checkpoint_last.pt")["model"]
+    teacher = {k: v for k, v in model.items() if k.startswith("teacher.")}
+    assert teacher and all(v.dtype == torch.float32 for v in teacher.values())
+    # fairseq saves every tensor as fp32 (move_to_cpu), but the student trained in bf16: its
+    # position table holds bf16-rounded values, the teacher's the exact ones
+    table = sincos_pos_embed_2d(64, 768, 8).unsqueeze(0)
+    assert torch.equal(model["teacher.pos_embed"], table)
+    assert not torch.equal(model["encoder.pos_embed"], table)
+    assert torch.equal(model["encoder.pos_embed"], table.bfloat16().float())

@@ -52,6 +52,10 @@ def load_for_evaluation(checkpoint: str, data: str) -> tuple[Any, Any]:
     with open_dict(cfg):
         cfg.task.data = os.path.abspath(data)
         cfg.task.per_class_ap_dir = None
+        # evaluation is deterministic whatever split is named (even the training one)
+        cfg.task.roll_and_gain = False
+        cfg.task.noise_and_roll = False
+        cfg.task.balanced_sampling = False
     state["cfg"] = cfg
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], state=state)
     return models[0].eval(), task

@@ -143,6 +143,12 @@ def _heads_from(cfg_model: Any, embed_dim: int, default: int) -> int:
         value = _dig(cfg_model, *path)
         if isinstance(value, int) and value > 0 and embed_dim % value == 0:
             return value
+    if embed_dim not in (768, 1024):
+        # shapes fix the released sizes only; a wrong guess would load silently and compute garbage
+        raise ConversionError(
+            f"cannot tell the number of attention heads of a D={embed_dim} model: the source records none "
+            "(released sizes are D 768 / 12 heads and D 1024 / 16 heads)"
+        )
     return default
 
 

@@ -32,7 +32,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
     Parameters are matched by name and the update is computed in the teacher's dtype (fp32) from the
     student's values upcast, so an fp16/bf16 student never degrades the teacher. Buffers (such as the
-    fixed ``pos_embed`` table) are copied as-is: they are not learned, so averaging them is meaningless.
+    fixed ``pos_embed`` table) are copied as-is when the dtypes agree: they are not learned, so
+    averaging them is meaningless, and a low-precision copy is skipped rather than rounding the teacher.
     """
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
@@ -44,5 +45,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
         t.mul_(decay).add_(s, alpha=1.0 - decay)
     t_bufs = dict(teacher.named_buffers())
     for name, s in student.named_buffers():
-        if name in t_bufs:
+        # a buffer of a student cast to fp16/bf16 would lose precision in the fp32 teacher; the
+        # encoder's only buffer is the fixed sin-cos table, identical in both, so it is left alone then
+        if name in t_bufs and t_bufs[name].dtype == s.dtype:
             t_bufs[name].copy_(s.detach())

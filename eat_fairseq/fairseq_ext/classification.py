@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from fairseq import metrics
+from fairseq.distributed import utils as distributed_utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
@@ -57,22 +58,30 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def load_trusted_state(path: str) -> Dict[str, Any]:
-    """Read a checkpoint of ours without executing code.
+_STATE_CACHE: Dict[tuple, Dict[str, Any]] = {}
 
-    Prefers the project's restricted loader (``eat_fairseq.core.checkpoint.load_checkpoint``); without
-    it, ``torch.load(weights_only=True)``, which accepts tensors and plain containers only.
+
+def load_trusted_state(path: str) -> Dict[str, Any]:
+    """Read a pre-training checkpoint without executing code, in our layout.
+
+    Uses the project's restricted loader; a released EAT file (the authors' layout, numpy scalars and
+    all) is converted in memory as ``eat-convert`` would, so ``model.model_path`` takes either. The
+    last file read is cached: building the model reads it twice (config, then weights).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        from eat_fairseq.core.checkpoint import load_checkpoint  # written alongside; optional here
-    except ImportError:
-        load_checkpoint = None
-    if load_checkpoint is not None:
-        state = load_checkpoint(path)
-        return state if isinstance(state, dict) else dict(state)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    key = (os.path.abspath(path), os.path.getmtime(path))
+    if key not in _STATE_CACHE:
+        from eat_fairseq.core.checkpoint import load_checkpoint
+        from eat_fairseq.core.convert import convert_released, detect_source
+
+        state = dict(load_checkpoint(path))
+        if detect_source(state)[0] == "released":
+            state, summary = convert_released(state)
+            logger.info("%s is a released EAT checkpoint; converted in memory:\n%s", path, "\n".join(summary.lines()))
+        _STATE_CACHE.clear()
+        _STATE_CACHE[key] = state
+    return _STATE_CACHE[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,6 +407,8 @@ class EATClassificationTask(FairseqTask):
 
     def post_validate(self, model: Any, stats: Dict[str, Any], agg: Any) -> None:
         """Write the per-class AP file of the pass that just finished (fairseq-hydra-train hook)."""
+        if distributed_utils.get_global_rank() != 0:
+            return  # every rank holds the same gathered predictions; one writer is enough
         if self.cfg.per_class_ap_dir and len(self.predictions) and self.label_set is not None:
             path = os.path.join(str(self.cfg.per_class_ap_dir), f"per_class_ap_{self.predictions.subset or 'valid'}.tsv")
             report = self.predictions.report(self.num_classes)

@@ -153,6 +153,8 @@ class EATAudioDataset(FairseqDataset):
         good = [s for s in samples if s["source"] is not None]
         skipped = len(samples) - len(good)
         if not good:
+            if skipped:
+                logger.warning("all %d clips of a batch were unreadable (listed above); the batch is skipped", skipped)
             return {}
         source = torch.stack([s["source"] for s in good])  # (B, 1, T, F)
         ids = torch.tensor([s["id"] for s in good], dtype=torch.long)

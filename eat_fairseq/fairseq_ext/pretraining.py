@@ -121,13 +121,22 @@ class EATPretrainingTask(FairseqTask):
         )
 
     def optimizer_step(self, optimizer: Any, model: torch.nn.Module, update_num: int) -> None:
-        """Step the optimizer, then move the EMA teacher towards the new student weights."""
+        """Step the optimizer, then move the EMA teacher towards the new student weights.
+
+        The decay is the one for ``update_num + 1`` (the update count once this step is done), as in
+        the release. With ``common.amp`` fairseq calls this even when the gradient scaler skips the
+        step for an overflow; the teacher is then left alone too.
+        """
+        scaler = getattr(optimizer, "_grad_scaler", None)
+        scale_before = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(optimizer, model, update_num)
+        if scaler is not None and scaler.get_scale() < scale_before:
+            return  # the AMP scaler found inf/nan gradients and skipped the optimizer step
         core = model
         while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):
             core = core.module  # unwrap distributed wrappers
         if hasattr(core, "ema_step"):
-            core.ema_step(update_num)
+            core.ema_step(update_num + 1)
 
     @property
     def source_dictionary(self) -> None:
@@ -261,7 +270,7 @@ class EATUFOCriterion(FairseqCriterion):
             "target_var": _as_float(out.get("target_var", 0.0)),
             "pred_var": _as_float(out.get("pred_var", 0.0)),
             "masked_pct": _as_float(out.get("masked_pct", 0.0)),
-            "ema_decay": float(core.ema_decay_at(getattr(core, "num_updates", 0))),
+            "ema_decay": float(core.ema_decay_at(getattr(core, "num_updates", 0) + 1)),
             "skipped": int(sample.get("skipped", 0)),
         }
         return loss, sample_size, logging_output

@@ -1,0 +1,89 @@
+"""The shipped recipes carry the reference's numbers (eat-reference.md sections 3 and 4) and compose
+with our registered config dataclasses (no unknown keys)."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+pytest.importorskip("fairseq")
+
+from helpers import REPO  # noqa: E402
+
+import eat_fairseq  # noqa: E402,F401
+from eat_fairseq.fairseq_ext.pretraining import (  # noqa: E402
+    EATModelConfig,
+    EATPretrainingTaskConfig,
+    pretrain_config_from,
+)
+from eat_fairseq.core.pretraining import PretrainConfig  # noqa: E402
+
+PRE = REPO / "examples" / "pretraining"
+FT = REPO / "examples" / "finetuning"
+
+
+def load(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.hydra.run.dir == ".", f"{path.name}: hydra.run.dir must be pinned"
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "name, lr, preset, anneal",
+    [("eat_base", 5e-4, PretrainConfig.base, 100000), ("eat_large", 4e-4, PretrainConfig.large, 150000)],
+)
+def test_pretraining_recipes_match_reference(name, lr, preset, anneal) -> None:
+    cfg = load(PRE / f"{name}.yaml")
+    assert list(cfg.optimization.lr) == [lr]
+    assert cfg.optimization.max_update == 400000
+    assert cfg.optimization.clip_norm == 4.0
+    assert cfg.optimizer._name == "adam" and list(cfg.optimizer.adam_betas) == [0.9, 0.95]
+    assert cfg.optimizer.weight_decay == 0.05
+    assert cfg.lr_scheduler._name == "cosine" and cfg.lr_scheduler.warmup_updates == 53333
+    assert cfg.dataset.batch_size == 12 and cfg.distributed_training.distributed_world_size == 4
+    assert cfg.task.target_length == 1024 and cfg.common.fp16 is True
+    assert cfg.model.clone_batch == 16 and cfg.model.ema_anneal_end_step == anneal
+    # the yaml's model section, merged into our dataclass, builds exactly the core preset
+    model = OmegaConf.merge(OmegaConf.structured(EATModelConfig), {k: v for k, v in cfg.model.items() if k != "_name"})
+    assert pretrain_config_from(model) == preset()
+    task_keys = set(cfg.task) - {"_name"}
+    assert task_keys <= set(EATPretrainingTaskConfig.__dataclass_fields__)
+
+
+def test_tiny_pretraining_recipe_is_cpu_sized() -> None:
+    cfg = load(PRE / "eat_tiny.yaml")
+    model = OmegaConf.merge(OmegaConf.structured(EATModelConfig), {k: v for k, v in cfg.model.items() if k != "_name"})
+    core = pretrain_config_from(model)
+    assert (core.encoder.depth, core.encoder.embed_dim, cfg.task.target_length) == (2, 64, 128)
+    assert cfg.common.cpu is True
+
+
+# name: batch (total), lr, updates, warm-up, frames, mixup prob, specaug r, loss, norm stats
+FINETUNE = {
+    "as20k": (48, 5e-5, 40000, 4000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569)),
+    "as2m": (96, 5e-5, 300000, 30000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569)),
+    "esc50": (48, 5e-5, 4000, 400, 512, 0.0, 0.2, "ce", (-6.627, 5.359)),
+    "spc2": (256, 2e-4, 40000, 4000, 128, 0.9, 0.1, "bce", (-6.846, 5.565)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINETUNE))
+def test_finetuning_recipes_match_reference(name) -> None:
+    batch, lr, updates, warmup, frames, mixup_p, spec_r, loss, (mean, std) = FINETUNE[name]
+    cfg = load(FT / f"{name}.yaml")
+    world = cfg.get("distributed_training", {}).get("distributed_world_size", 1)
+    assert cfg.dataset.batch_size * world * cfg.optimization.get("update_freq", [1])[0] == batch
+    assert list(cfg.optimization.lr) == [lr] and cfg.optimization.max_update == updates
+    assert cfg.lr_scheduler._name == "cosine" and cfg.lr_scheduler.warmup_updates == warmup
+    assert cfg.lr_scheduler.min_lr == 1e-6
+    assert list(cfg.optimizer.adam_betas) == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.05
+    assert cfg.task.target_length == frames
+    assert (cfg.task.norm_mean, cfg.task.norm_std) == (mean, std)
+    assert cfg.criterion.loss == loss and cfg.criterion.mixup_prob == mixup_p
+    assert cfg.criterion.specaug_freq_ratio == cfg.criterion.specaug_time_ratio == spec_r
+    if mixup_p:
+        assert cfg.criterion.mixup_alpha == 0.8
+    if name == "esc50":
+        assert cfg.criterion.label_smoothing == 0.1
+    if name == "as2m":
+        assert cfg.task.balanced_sampling is True and cfg.task.samples_per_epoch == 200000
+    assert cfg.model.drop_path_rate == 0.1 and cfg.model.layer_decay == 0.65
