@@ -80,6 +80,7 @@ from torch import Tensor
 from .core.audio import AudioError, load_audio, to_mono_16k
 from .core.checkpoint import CheckpointError, load_checkpoint, to_plain
 from .core.classifier import EATClassifier
+from .core.convert import _dig
 from .core.encoder import EATEncoder, EncoderConfig
 from .core.features import FeatureConfig, frame_geometry, kaldi_fbank, normalize, num_frames, remove_dc
 from .core.weights import infer_encoder_config
@@ -101,14 +102,6 @@ _CLASSIFIER_NAMES = ("eat_classifier", "mae_image_classification")
 
 class ModelLoadError(CheckpointError):
     """A checkpoint that was read but cannot be turned into a model; the message names the file."""
-
-
-def _dig(tree: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
 
 
 def _is_safetensors(path: str) -> bool:

@@ -262,7 +262,7 @@ def test_spec_augment_one_band_each():
     assert augment.spec_augment(x, 0.0, 0.0, generator=g).equal(x)
 
 
-def test_roll_and_gain_and_noise_roll():
+def test_roll_and_gain():
     g = torch.Generator().manual_seed(2)
     wave = torch.randn(3, 1000)
     out = augment.roll_and_gain(wave, generator=g)
@@ -271,11 +271,62 @@ def test_roll_and_gain_and_noise_roll():
         assert 0.5 < gain < 1.5
         # a roll keeps the multiset of samples
         torch.testing.assert_close(torch.sort(out[i] / gain).values, torch.sort(wave[i]).values, rtol=1e-4, atol=1e-5)
-    fb = torch.zeros(2, 64, 128)
-    noisy = augment.noise_and_roll(fb, max_roll=10, generator=g)
-    assert noisy.shape == fb.shape and noisy.min() >= 0 and noisy.max() <= 0.1
-    single = augment.noise_and_roll(torch.zeros(64, 128), generator=g)
-    assert single.shape == (64, 128)
+
+
+def _time_shifts_explaining(out: torch.Tensor, clean: torch.Tensor, max_shift: int = 12) -> list[int]:
+    """Shifts s with ``out - roll(clean, s, time) in [0, 0.1)`` everywhere (``out``/``clean``: (T, F))."""
+    return [
+        s
+        for s in range(-max_shift, max_shift + 1)
+        if bool(((d := out - torch.roll(clean, s, dims=0)) >= 0).all() and (d < 0.1).all())
+    ]
+
+
+def test_noise_and_roll_rolls_a_structured_input():
+    """fbank noise + time roll on a ramp (every value distinct, neighbours 1 apart, so noise < 0.1
+    cannot hide a roll): the output is exactly one time-roll of the input plus noise in [0, 0.1).
+
+    The reference's ``randint(-10, 10)`` is numpy's (the release augments with ``np.random.randint``),
+    whose high end is exclusive; the implementation uses ``torch.randint(-max_roll, max_roll)``, also
+    exclusive: shifts lie in [-10, 9], +10 is never drawn."""
+    T, F, B = 48, 16, 200
+    ramp = torch.arange(T * F, dtype=torch.float64).reshape(T, F)  # float64: (x + n) - x recovers n
+    clean = ramp.expand(B, 1, T, F).clone()
+    out = augment.noise_and_roll(clean, max_roll=10, generator=torch.Generator().manual_seed(3))
+    assert out.shape == clean.shape and out.dtype == torch.float64
+    torch.testing.assert_close(clean[:, 0], ramp.expand(B, T, F))  # input untouched
+    shifts, peak_noise = [], []
+    for i in range(B):
+        found = _time_shifts_explaining(out[i, 0], ramp)
+        assert len(found) == 1, (i, found)  # a roll along time (frequency rolls/flips match nothing)
+        shifts.append(found[0])
+        noise = out[i, 0] - torch.roll(ramp, found[0], dims=0)
+        assert float(noise.min()) >= 0.0 and float(noise.max()) < 0.1
+        peak_noise.append(float(noise.max()))
+    assert min(shifts) == -10 and max(shifts) == 9, sorted(set(shifts))
+    assert set(shifts) == set(range(-10, 10))  # 200 draws of 20 values: every shift shows up
+    # noise is U(0,1) * u / 10 with one u per clip: the per-clip peak (~u / 10) varies between clips
+    assert max(peak_noise) > 0.08 and min(peak_noise) < 0.02
+
+    # (T, F) and (B, T, F) inputs: rolled along their time axis (-2) too, max_roll honoured
+    single = augment.noise_and_roll(ramp, max_roll=3, generator=torch.Generator().manual_seed(4))
+    assert single.shape == (T, F)
+    found = _time_shifts_explaining(single, ramp)
+    assert len(found) == 1 and -3 <= found[0] <= 2
+    batch = augment.noise_and_roll(ramp.expand(4, T, F), max_roll=2, generator=torch.Generator().manual_seed(5))
+    for i in range(4):
+        found = _time_shifts_explaining(batch[i], ramp)
+        assert len(found) == 1 and -2 <= found[0] <= 1
+
+    # float32 features (what the dataset passes): same bounds up to float32 rounding of x + n
+    feats = ramp.float()[None]
+    noisy = augment.noise_and_roll(feats, generator=torch.Generator().manual_seed(6))[0]
+    explained = []
+    for k in range(-12, 13):
+        d = noisy - torch.roll(feats[0], k, dims=0)
+        if float(d.min()) >= -1e-4 and float(d.max()) < 0.1 + 1e-4:
+            explained.append(k)
+    assert len(explained) == 1 and -10 <= explained[0] <= 9
 
 
 # --------------------------------------------------------------------------- classifier

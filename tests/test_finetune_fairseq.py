@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -235,6 +236,88 @@ def test_end_to_end_finetune_and_evaluate(tmp_path):
     assert result["accuracy"] == pytest.approx(float(last["valid_accuracy"]), abs=1e-3)
     lines = eval_out.read_text().splitlines()
     assert len(lines) == 4 and lines[2].split("\t")[2] == "Mid, tone"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reverse_split(data: Path, split: str) -> None:
+    """Reverse the row order of a split (manifest and labels together), so clip index k of this split
+    no longer has the labels of clip index k of the other split (ids are row indices in both)."""
+    tsv = (data / f"{split}.tsv").read_text().splitlines()
+    lbl = (data / f"{split}.lbl").read_text().splitlines()
+    (data / f"{split}.tsv").write_text("\n".join([tsv[0], *reversed(tsv[1:])]) + "\n")
+    (data / f"{split}.lbl").write_text("\n".join(reversed(lbl)) + "\n")
+
+
+def test_distributed_finetune_validation_two_process_cpu(tmp_path):
+    """torchrun, 2 gloo processes: validation is sharded over the ranks, predictions are all-gathered,
+    and the metrics equal a single-process eat-evaluate of the saved weights.
+
+    9 valid clips in batches of 2 -> 5 batches: rank 0 runs 3, rank 1 runs 2 plus one dummy (padding)
+    batch, which fairseq zeroes in the summed logging outputs but which still goes through the task's
+    valid_step (and its all_gather)."""
+    from tests.helpers import json_logs, run
+
+    torchrun = shutil.which("torchrun", path=str(BIN))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    num_valid = 9
+    data = make_labelled_corpus(tmp_path / "corpus", clips_per_split=num_valid)
+    _reverse_split(data, "valid")
+    rows = [r for r in (data / "valid.tsv").read_text().splitlines()[1:] if r.strip()]
+    assert len(rows) == num_valid
+    save, ap_dir = tmp_path / "ckpt", tmp_path / "ap"
+    dist = [
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.ddp_backend=legacy_ddp",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_world_size=${oc.env:WORLD_SIZE}",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+        "distributed_training.device_id=0",
+    ]
+    cmd = _hydra_train_cmd(
+        [f"task.data={data}", f"checkpoint.save_dir={save}", f"task.per_class_ap_dir={ap_dir}",
+         "checkpoint.best_checkpoint_metric=mAP", "optimization.max_update=3", "dataset.batch_size_valid=2",
+         *dist]
+    )
+    out = run([torchrun, "--nproc_per_node=2", f"--master_port={_free_port()}", *cmd], cwd=tmp_path,
+              env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "distributed init (rank 1)" in out or "rank 1" in out, out[-3000:]
+    valid = json_logs(out, "valid")
+    # 9 train clips, batch 4, 2 ranks: 2 updates per epoch -> validations after epochs 1 and 2 (update 3)
+    passes = out.count('begin validation on "valid" subset')
+    assert passes == 2 and len(valid) == passes, out[-3000:]
+    assert [int(v["valid_num_updates"]) for v in valid] == [2, 3]
+    for stats in valid:
+        # every valid clip evaluated exactly once, over both ranks (the dummy batch counts 0)
+        assert int(float(stats["valid_n_eval"])) == len(rows), stats
+        for key in ("valid_mAP", "valid_accuracy", "valid_auc"):
+            assert 0.0 <= float(stats[key]) <= 1.0, (key, stats)  # NaN when not all predictions are held
+    assert sorted(p.name for p in ap_dir.iterdir()) == ["per_class_ap_valid.tsv"]
+    assert len((ap_dir / "per_class_ap_valid.tsv").read_text().splitlines()) == 1 + len(CLASSES)
+
+    printed = run(
+        [sys.executable, "-m", "eat_fairseq.cli.evaluate", "--checkpoint", str(save / "checkpoint_last.pt"),
+         "--data", str(data), "--split", "valid", "--batch-size", "4", "--out", str(tmp_path / "eval_ap.tsv"),
+         "--no-progress"],
+        cwd=tmp_path,
+    )
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["clips"] == num_valid
+    last = valid[-1]
+    assert result["mAP"] == pytest.approx(float(last["valid_mAP"]), abs=1e-3)
+    assert result["accuracy"] == pytest.approx(float(last["valid_accuracy"]), abs=1e-3)
+    assert result["auc"] == pytest.approx(float(last["valid_auc"]), abs=1e-3)
+    # the distributed per-class file (written by rank 0 only) holds the same positives and APs
+    dist_rows = [r.split("\t") for r in (ap_dir / "per_class_ap_valid.tsv").read_text().splitlines()[1:]]
+    eval_rows = [r.split("\t") for r in (tmp_path / "eval_ap.tsv").read_text().splitlines()[1:]]
+    assert [r[:4] for r in dist_rows] == [r[:4] for r in eval_rows]
+    assert [float(r[4]) for r in dist_rows] == pytest.approx([float(r[4]) for r in eval_rows], abs=1e-3)
 
 
 @pytest.mark.parametrize("name", ["tiny", "as20k", "as2m", "esc50", "spc2", "custom"])

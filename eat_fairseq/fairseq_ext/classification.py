@@ -8,9 +8,14 @@ Validation metrics: ``accuracy`` is summable and exact in any setting. ``mAP`` a
 prediction, so :meth:`EATClassificationTask.valid_step` stores the scores (keyed by clip id) and a
 derived metric computes them when the aggregated row count equals the number of stored clips, i.e.
 at the end of a validation pass (fairseq also evaluates derived metrics after each batch; those
-partial calls return NaN instead of paying for a full computation). In a distributed run the
-predictions are all-gathered every validation step, so all ranks hold the full set; duplicate clips
-from fairseq's padding batches collapse onto their id. Only single-process runs are tested.
+partial calls return NaN instead of paying for a full computation). In a distributed run fairseq
+shards the validation batches over the ranks and the predictions are all-gathered every validation
+step, so all ranks hold the full set and compute the same metrics. When the batches do not divide
+evenly, a rank runs a dummy (padding) batch: fairseq zeroes its summed logging outputs (so ``n_eval``
+counts each clip once), and since the dummy is the subset's own first batch
+(``Trainer.get_valid_iterator`` resets it), its gathered predictions repeat real clips with the same
+scores and collapse onto their ids. Only rank 0 writes the per-class AP file. Tested single-process
+and with 2 gloo processes on CPU (odd clip count, against ``eat-evaluate``).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
 from eat_fairseq.core.sampling import WeightedEpochSampler, balanced_weights, read_weights
 
 from .data import EATAudioDataset
+from .pretraining import EATEncoderFields
 
 logger = logging.getLogger(__name__)
 
@@ -432,20 +438,10 @@ class EATClassificationTask(FairseqTask):
 
 
 @dataclass
-class EATClassifierConfig(FairseqDataclass):
-    # encoder (reference section 2); names are exactly EncoderConfig's
-    embed_dim: int = field(default=768, metadata={"help": "transformer width D"})
-    depth: int = field(default=12, metadata={"help": "number of transformer blocks"})
-    num_heads: int = field(default=12, metadata={"help": "attention heads"})
-    mlp_ratio: float = field(default=4.0, metadata={"help": "FFN hidden size / D"})
-    patch_size: int = field(default=16, metadata={"help": "square patch size"})
-    in_chans: int = field(default=1, metadata={"help": "input channels"})
-    num_mel_bins: int = field(default=128, metadata={"help": "fbank bins F"})
-    max_length: int = field(default=768, metadata={"help": "time patches covered by the sin-cos table"})
-    norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon of the encoder"})
+class EATClassifierConfig(EATEncoderFields):
+    """Classifier: the encoder fields (drop path 0.1 when fine-tuning, reference section 4) plus:"""
+
     drop_path_rate: float = field(default=0.1, metadata={"help": "stochastic depth, linear over blocks"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout after attention/FFN projections"})
-    attn_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
     # head
     num_classes: int = field(default=0, metadata={"help": "logits; 0 = from the task's label descriptors"})
     pooling: ChoiceEnum(["cls", "mean"]) = field(default="cls", metadata={"help": "CLS output or mean of patches"})  # type: ignore[valid-type]

@@ -155,8 +155,10 @@ class EATPretrainingTask(FairseqTask):
 
 
 @dataclass
-class EATModelConfig(FairseqDataclass):
-    # encoder (reference section 2)
+class EATEncoderFields(FairseqDataclass):
+    """The encoder's settings, named exactly as :class:`EncoderConfig`'s fields (shared by the
+    pre-training and the classification model configs)."""
+
     embed_dim: int = field(default=768, metadata={"help": "transformer width D"})
     depth: int = field(default=12, metadata={"help": "number of transformer blocks"})
     num_heads: int = field(default=12, metadata={"help": "attention heads"})
@@ -166,9 +168,15 @@ class EATModelConfig(FairseqDataclass):
     num_mel_bins: int = field(default=128, metadata={"help": "fbank bins F"})
     max_length: int = field(default=768, metadata={"help": "time patches covered by the sin-cos table"})
     norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon of the encoder"})
-    drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth (0 in pre-training)"})
+    drop_path_rate: float = field(default=0.0, metadata={"help": "stochastic depth, linear over blocks"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after attention/FFN projections"})
     attn_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+
+
+@dataclass
+class EATModelConfig(EATEncoderFields):
+    """Pre-training model: the encoder (reference section 2; dropouts and drop path 0) plus:"""
+
     # multi-mask (reference section 3)
     clone_batch: int = field(default=16, metadata={"help": "masked copies per clip (multi-mask)"})
     mask_prob: float = field(default=0.8, metadata={"help": "fraction of patches masked"})
