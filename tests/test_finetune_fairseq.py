@@ -208,14 +208,21 @@ def test_end_to_end_finetune_and_evaluate(tmp_path):
     from tests.helpers import json_logs, run
 
     data = make_labelled_corpus(tmp_path / "corpus", clips_per_split=8)
+    # a brief real pre-training run (eat_tiny, 3 updates) on the same audio, labels unused
+    pretrain = tmp_path / "pretrain"
+    exe = shutil.which("fairseq-hydra-train", path=str(BIN)) or "fairseq-hydra-train"
+    run([exe, "--config-dir", str(REPO / "examples" / "pretraining"), "--config-name", "eat_tiny",
+         f"common.user_dir={eat_fairseq.USER_DIR}", f"task.data={data}", f"checkpoint.save_dir={pretrain}",
+         "optimization.max_update=3"], cwd=tmp_path)
     save = tmp_path / "ckpt"
     out = run(
         _hydra_train_cmd(
             [f"task.data={data}", f"checkpoint.save_dir={save}", f"task.per_class_ap_dir={save}",
-             "optimization.max_update=4"]
+             "optimization.max_update=4", f"model.model_path={pretrain / 'checkpoint_last.pt'}"]
         ),
         cwd=tmp_path,
     )
+    assert "encoder initialised from" in out
     valid = json_logs(out, "valid")
     assert valid, out[-3000:]
     last = valid[-1]
