@@ -80,7 +80,7 @@ from torch import Tensor
 from .core.audio import AudioError, load_audio, to_mono_16k
 from .core.checkpoint import CheckpointError, load_checkpoint, to_plain
 from .core.classifier import EATClassifier
-from .core.convert import _dig
+from .core.convert import _dig, _is_safetensors
 from .core.encoder import EATEncoder, EncoderConfig
 from .core.features import FeatureConfig, frame_geometry, kaldi_fbank, normalize, num_frames, remove_dc
 from .core.weights import infer_encoder_config
@@ -102,17 +102,6 @@ _CLASSIFIER_NAMES = ("eat_classifier", "mae_image_classification")
 
 class ModelLoadError(CheckpointError):
     """A checkpoint that was read but cannot be turned into a model; the message names the file."""
-
-
-def _is_safetensors(path: str) -> bool:
-    if path.endswith(".safetensors"):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 32)
 
 
 def _read_checkpoint(path: str, trusted: bool) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
 from eat_fairseq.core.sampling import WeightedEpochSampler, balanced_weights, read_weights
 
 from .data import EATAudioDataset
-from .pretraining import EATEncoderFields
+from .pretraining import EATAudioTask, EATEncoderFields
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class _PredictionStore:
 
 
 @register_task("eat_classification", dataclass=EATClassificationConfig)
-class EATClassificationTask(FairseqTask):
+class EATClassificationTask(EATAudioTask):
     """Audio classification from TSV manifests + ``.lbl`` labels (AudioSet, ESC-50, SPC-2, custom)."""
 
     cfg: EATClassificationConfig
@@ -420,17 +420,6 @@ class EATClassificationTask(FairseqTask):
             report = self.predictions.report(self.num_classes)
             write_per_class_ap(path, report, self.label_set.labels, self.label_set.display_names)
             logger.info("per-class AP written to %s", path)
-
-    @property
-    def source_dictionary(self) -> None:
-        return None
-
-    @property
-    def target_dictionary(self) -> None:
-        return None
-
-    def max_positions(self) -> Optional[int]:
-        return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,8 +76,23 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
+class EATAudioTask(FairseqTask):
+    """What every eat_* task shares: audio in, no token dictionaries, no length limit."""
+
+    @property
+    def source_dictionary(self) -> None:
+        return None
+
+    @property
+    def target_dictionary(self) -> None:
+        return None
+
+    def max_positions(self) -> Optional[int]:
+        return None
+
+
 @register_task("eat_pretraining", dataclass=EATPretrainingTaskConfig)
-class EATPretrainingTask(FairseqTask):
+class EATPretrainingTask(EATAudioTask):
     """Self-supervised EAT pre-training on unlabelled audio from TSV manifests."""
 
     cfg: EATPretrainingTaskConfig
@@ -137,17 +152,6 @@ class EATPretrainingTask(FairseqTask):
             core = core.module  # unwrap distributed wrappers
         if hasattr(core, "ema_step"):
             core.ema_step(update_num + 1)
-
-    @property
-    def source_dictionary(self) -> None:
-        return None
-
-    @property
-    def target_dictionary(self) -> None:
-        return None
-
-    def max_positions(self) -> Optional[int]:
-        return None
 
 
 # --------------------------------------------------------------------------------------------------
