@@ -295,14 +295,6 @@ class EATClassificationTask(EATAudioTask):
                 restored.display_names = self.label_set.display_names
             self.label_set = restored
 
-    def feature_config(self) -> FeatureConfig:
-        return FeatureConfig(
-            sample_rate=self.cfg.sample_rate,
-            target_length=self.cfg.target_length,
-            norm_mean=self.cfg.norm_mean,
-            norm_std=self.cfg.norm_std,
-        )
-
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
         data = str(self.cfg.data)
         manifest = os.path.join(data, f"{split}.tsv")

@@ -77,7 +77,16 @@ class EATPretrainingTaskConfig(FairseqDataclass):
 
 
 class EATAudioTask(FairseqTask):
-    """What every eat_* task shares: audio in, no token dictionaries, no length limit."""
+    """What every eat_* task shares: audio in (features from the task's sample_rate, target_length
+    and normalisation fields), no token dictionaries, no length limit."""
+
+    def feature_config(self) -> FeatureConfig:
+        return FeatureConfig(
+            sample_rate=self.cfg.sample_rate,
+            target_length=self.cfg.target_length,
+            norm_mean=self.cfg.norm_mean,
+            norm_std=self.cfg.norm_std,
+        )
 
     @property
     def source_dictionary(self) -> None:
@@ -97,20 +106,9 @@ class EATPretrainingTask(EATAudioTask):
 
     cfg: EATPretrainingTaskConfig
 
-    def __init__(self, cfg: EATPretrainingTaskConfig) -> None:
-        super().__init__(cfg)
-
     @classmethod
     def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
         return cls(cfg)
-
-    def feature_config(self) -> FeatureConfig:
-        return FeatureConfig(
-            sample_rate=self.cfg.sample_rate,
-            target_length=self.cfg.target_length,
-            norm_mean=self.cfg.norm_mean,
-            norm_std=self.cfg.norm_std,
-        )
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
