@@ -41,7 +41,7 @@ from eat_fairseq.core import augment
 from eat_fairseq.core.audio import AudioError, load_audio, to_mono_16k
 from eat_fairseq.core.classifier import EATClassifier, parameter_lr_scale
 from eat_fairseq.core.encoder import EncoderConfig
-from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig, waveform_to_features
+from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, waveform_to_features
 from eat_fairseq.core.finetune_losses import finetune_loss
 from eat_fairseq.core.labels import LabelError, LabelSet, read_label_descriptors, read_split_labels
 from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
