@@ -19,46 +19,10 @@ from fairseq.data import FairseqDataset
 
 from eat_fairseq.core.audio import AudioError, load_audio, to_mono_16k
 from eat_fairseq.core.features import FeatureConfig, waveform_to_features
+from eat_fairseq.core.manifest import ManifestError, ManifestRow, read_manifest  # noqa: F401  (re-exported)
 from eat_fairseq.core.masking import inverse_block_mask
 
 logger = logging.getLogger(__name__)
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file and the line."""
-
-
-@dataclass
-class ManifestRow:
-    path: str  # absolute path
-    num_samples: int
-    line: int  # 1-based line number in the manifest
-
-
-def read_manifest(manifest: str) -> tuple[str, List[ManifestRow]]:
-    """Parse a TSV manifest, checking its format up front so a bad row fails before training."""
-    rows: List[ManifestRow] = []
-    with open(manifest, encoding="utf-8") as f:
-        root = f.readline().rstrip("\n").rstrip("\r")
-        if not root:
-            raise ManifestError(f"{manifest}:1: first line must be the audio root folder, got an empty line")
-        if "\t" in root:
-            raise ManifestError(f"{manifest}:1: first line must be the audio root folder, got a data row {root!r}")
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise ManifestError(
-                    f"{manifest}:{lineno}: expected 'relative/path<TAB>n_samples', got {len(parts)} field(s): {line!r}"
-                )
-            try:
-                n = int(parts[1])
-            except ValueError:
-                raise ManifestError(f"{manifest}:{lineno}: n_samples is not an integer: {parts[1]!r}") from None
-            rows.append(ManifestRow(os.path.join(root, parts[0]), n, lineno))
-    return root, rows
 
 
 @dataclass
