@@ -39,6 +39,7 @@ setup(
             "eat-extract=eat_fairseq.cli.extract:main",
             "eat-tag=eat_fairseq.cli.tag:main",
             "eat-evaluate=eat_fairseq.cli.evaluate:main",
+            "eat-probe=eat_fairseq.cli.probe:main",
         ]
     },
     classifiers=[

@@ -58,6 +58,11 @@ class EncoderConfig:
         return cls(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **overrides})
 
     @classmethod
+    def small(cls, **overrides: object) -> "EncoderConfig":
+        """The small-scale recipe's encoder (examples/pretraining/eat_small.yaml): 4 blocks, D 192, 3 heads."""
+        return cls(**{"embed_dim": 192, "depth": 4, "num_heads": 3, **overrides})
+
+    @classmethod
     def tiny(cls, **overrides: object) -> "EncoderConfig":
         """A CPU-sized encoder for tests: 2 blocks, D 64, 4 heads."""
         return cls(**{"embed_dim": 64, "depth": 2, "num_heads": 4, **overrides})
@@ -321,6 +326,21 @@ class EATEncoder(nn.Module):
         if mask is not None:
             x = self.gather_visible(x, mask.to(x.device))  # (B, V, D)
         return self.encode(x)
+
+    def hidden_states(self, fbank: Tensor, num_blocks: int | None = None) -> list[Tensor]:
+        """Unmasked outputs of the first ``num_blocks`` blocks (default all): a list of ``(B, 1+P, D)``.
+
+        One pass for every layer a probe wants, instead of one :meth:`extract_features` per layer.
+        """
+        num_blocks = len(self.blocks) if num_blocks is None else num_blocks
+        cls = self.cls_token.expand(fbank.shape[0], -1, -1)
+        x = self.embed(fbank)
+        x = self.pre_norm(torch.cat([cls.to(x.dtype), x], dim=1))  # (B, 1+P, D)
+        states = []
+        for block in self.blocks[:num_blocks]:
+            x, _ = block(x)
+            states.append(x)
+        return states
 
     def extract_features(self, fbank: Tensor, layer: int | None = None) -> Tensor:
         """Unmasked features ``(B, 1+P, D)``, CLS first, from block ``layer`` (0-based; default last).

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["teacher_targets", "frame_errors", "ufo_loss", "UTTERANCE_REDUCTIONS"]
+__all__ = ["teacher_targets", "frame_errors", "ufo_loss", "UTTERANCE_REDUCTIONS", "TARGET_POSITIONS"]
 
 UTTERANCE_REDUCTIONS = ("release", "mean")
 
@@ -23,16 +23,28 @@ def _instance_norm_patches(y: Tensor) -> Tensor:
     return F.instance_norm(y.float().transpose(1, 2), eps=1e-5).transpose(1, 2)
 
 
-def teacher_targets(ffn_outputs: Sequence[Tensor], top_k: int) -> Tensor:
+TARGET_POSITIONS = ("keep", "center")
+
+
+def teacher_targets(ffn_outputs: Sequence[Tensor], top_k: int, position: str = "keep") -> Tensor:
     """Targets ``(B, P, D)`` from the teacher blocks' FFN outputs (each ``(B, 1+P, D)``, CLS first).
 
     For each of the last ``top_k`` blocks: drop the CLS row and instance-normalise over the patch
     axis (per sample and channel, eps 1e-5, no affine); average the K layers; LayerNorm over D (no
     affine, eps 1e-5). Normalising each layer first keeps any one layer's scale from dominating.
+
+    ``position="center"`` (not in the release) subtracts, before the LayerNorm, the mean over the B
+    clips of the batch at each patch position: the part of a target that is the same for every clip
+    at that position is predictable from the position alone, so it teaches the student nothing about
+    the audio. ``"keep"`` (default) is the release.
     """
     if not 1 <= top_k <= len(ffn_outputs):
         raise ValueError(f"top_k must be in 1..{len(ffn_outputs)}, got {top_k}")
+    if position not in TARGET_POSITIONS:
+        raise ValueError(f"position must be one of {TARGET_POSITIONS}, got {position!r}")
     y = sum(_instance_norm_patches(t[:, 1:]) for t in ffn_outputs[-top_k:]) / top_k  # (B, P, D)
+    if position == "center" and y.shape[0] > 1:
+        y = y - y.mean(dim=0, keepdim=True)
     return F.layer_norm(y, y.shape[-1:], eps=1e-5)  # (B, P, D)
 
 

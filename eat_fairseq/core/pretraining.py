@@ -27,7 +27,7 @@ from .encoder import EATEncoder, EncoderConfig
 from .masking import inverse_block_mask
 from .objective import frame_errors, teacher_targets
 
-__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters"]
+__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters", "positional_share", "feature_spread"]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class PretrainConfig:
     ema_anneal_end_step: int = 100000
     utterance_loss_weight: float = 1.0
     utterance_reduction: str = "release"
+    target_position: str = "keep"
 
     @classmethod
     def base(cls, **overrides: Any) -> "PretrainConfig":
@@ -87,6 +88,38 @@ class PretrainConfig:
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements of ``module`` (optionally only those with requires_grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def positional_share(targets: Tensor) -> Tensor:
+    """Share of the targets' variance explained by patch position alone, ``(B, P, D)`` -> 0-dim in [0, 1].
+
+    Between-position variance of the clip-averaged targets over total variance, with the
+    finite-batch bias removed (with no positional effect, the per-position mean of B clips still
+    varies by about ``within / (B - 1)``). Near 1 means a target is predictable from where the
+    patch is, without looking at the audio: a shortcut the student can learn instead of features.
+    """
+    y = targets.detach().float()
+    b = y.shape[0]
+    if b < 2:
+        return y.new_zeros(())
+    grand = y.mean(dim=(0, 1))  # (D,)
+    per_pos = y.mean(dim=0)  # (P, D)
+    total = (y - grand).pow(2).sum(-1).mean()
+    within = (y - per_pos).pow(2).sum(-1).mean()  # biased (1/B) within-position variance
+    between = (per_pos - grand).pow(2).sum(-1).mean() - within / (b - 1)
+    return (between / total.clamp(min=1e-12)).clamp(0.0, 1.0)
+
+
+def feature_spread(x: Tensor) -> Tensor:
+    """Spread of per-clip vectors ``(B, D)`` across clips, relative to their size: 0-dim in [0, 1].
+
+    Mean over channels of the std across clips, divided by the root mean square of all entries.
+    0 means every clip gets the same vector (collapse), whatever the targets' normalisation says.
+    """
+    x = x.detach().float()
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    return x.std(dim=0, unbiased=False).mean() / x.pow(2).mean().sqrt().clamp(min=1e-12)
 
 
 def _mean_std(x: Tensor) -> Tensor:
@@ -168,7 +201,7 @@ class EATPretrainingModel(nn.Module):
         """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input (autocast disabled)."""
         with torch.autocast(device_type=fbank.device.type, enabled=False):
             _, ffn_outputs = self.teacher(fbank.float())
-            return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
+            return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
         """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""
@@ -187,7 +220,10 @@ class EATPretrainingModel(nn.Module):
         ``fbank`` ``(B, 1, T, F)`` or ``(B, T, F)``; ``mask`` ``(B*clone, P)`` bool (True = masked),
         rows ``i*clone .. i*clone+clone-1`` belonging to clip i, or None to draw masks here.
         Returns ``frame_err (M,)``, ``utterance_err (B*clone,)``, ``sample_size`` (M, int),
-        ``target_var``, ``pred_var`` (0-dim detached tensors) and ``masked_pct`` (float).
+        ``target_var``, ``pred_var`` (0-dim detached tensors), ``masked_pct`` (float) and the
+        diagnostics ``pos_share`` (:func:`positional_share` of the targets), ``student_spread`` /
+        ``cls_spread`` (:func:`feature_spread` of the student's mean visible patch output / CLS
+        across clips, first masked copy of each).
         """
         clone = self.cfg.clone_batch
         targets = self.compute_targets(fbank)  # (B, P, D) fp32
@@ -213,6 +249,7 @@ class EATPretrainingModel(nn.Module):
         utterance_err = frame_errors(x[:, 0], utterance_target)  # (B*clone,)
 
         sample_size = int(frame_err.numel())
+        first = x[::clone]  # (B, 1+V, D): the first masked copy of each clip
         return {
             "frame_err": frame_err,
             "utterance_err": utterance_err,
@@ -220,6 +257,9 @@ class EATPretrainingModel(nn.Module):
             "target_var": _mean_std(target[mask]),
             "pred_var": _mean_std(pred),
             "masked_pct": sample_size / float(b * clone * p),
+            "pos_share": positional_share(targets),
+            "student_spread": feature_spread(first[:, 1:].mean(dim=1)),
+            "cls_spread": feature_spread(first[:, 0]),
         }
 
     def extract_features(self, fbank: Tensor, layer: int | None = None) -> Tensor:

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -23,6 +24,7 @@ from omegaconf import II, MISSING
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
 from eat_fairseq.core.objective import ufo_loss
+from eat_fairseq.core.probe import OnlineProbe
 from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
 
 from .data import EATAudioDataset, MaskSpec
@@ -69,6 +71,32 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     precompute_mask: bool = field(
         default=True, metadata={"help": "compute the inverse block masks in the data-loader workers"}
     )
+    probe_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "labelled manifest folder ({split}.tsv + {split}.lbl + label_descriptors.csv) for an "
+                  "online frozen-feature probe of the student and teacher; None disables it"},
+    )
+    probe_splits: str = field(
+        default="auto",
+        metadata={"help": "auto (leave-one-split-out over every labelled split), 'a,b,c' (folds) or 'train/test'"},
+    )
+    probe_interval_updates: int = field(
+        default=0, metadata={"help": "probe every N updates (0: only at max_update); needs probe_data"}
+    )
+    probe_layer: int = field(default=-1, metadata={"help": "encoder block probed (0-based; -1 the last)"})
+    probe_pooling: ChoiceEnum(["freq", "mean", "cls"]) = field(  # type: ignore[valid-type]
+        default="freq",
+        metadata={"help": "freq: per-frequency-column time mean (W*D); mean: mean over patches; cls: CLS token"},
+    )
+    probe_max_per_split: int = field(
+        default=0, metadata={"help": "use at most this many clips of each probe split (0: all)"}
+    )
+    diagnostics_interval_updates: int = field(
+        default=100,
+        metadata={"help": "every N updates log the gradient norm of each loss term on the student encoder "
+                  "(two extra backward passes); 0 disables"},
+    )
+    max_update: int = II("optimization.max_update")
     clone_batch: int = II("model.clone_batch")
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
@@ -106,9 +134,41 @@ class EATPretrainingTask(EATAudioTask):
 
     cfg: EATPretrainingTaskConfig
 
+    def __init__(self, cfg: EATPretrainingTaskConfig) -> None:
+        super().__init__(cfg)
+        self.probe: Optional[OnlineProbe] = None
+        self.last_probe: Dict[str, float] = {}
+        if cfg.probe_data:
+            self.probe = OnlineProbe(
+                os.path.abspath(cfg.probe_data),
+                self.feature_config(),
+                splits=cfg.probe_splits,
+                layer=cfg.probe_layer,
+                pooling=str(cfg.probe_pooling),
+                max_per_split=cfg.probe_max_per_split or None,
+            )
+
     @classmethod
     def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
         return cls(cfg)
+
+    def run_probe(self, model: torch.nn.Module, num_updates: int) -> Dict[str, float]:
+        """Probe the student and the teacher now; log ``probe_*`` and return them (rank 0 only)."""
+        if self.probe is None:
+            return {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return {}
+        core = _unwrap(model)
+        start = time.perf_counter()
+        with torch.no_grad():
+            res = self.probe.run({"student": core.encoder, "teacher": core.teacher})
+        self.last_probe = res
+        logger.info(
+            "probe at update %d (%.1f s, %s pooling, layer %d): %s",
+            num_updates, time.perf_counter() - start, self.probe.pooling, self.probe.layer,
+            ", ".join(f"{k[len('probe_'):]} {v:.4f}" for k, v in res.items()),
+        )
+        return res
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
@@ -133,6 +193,14 @@ class EATPretrainingTask(EATAudioTask):
             seed=self.cfg.seed,
         )
 
+    def reduce_metrics(self, logging_outputs: List[Dict[str, Any]], criterion: Any) -> None:
+        """The criterion's metrics, plus the latest probe accuracies: derived meters read
+        ``last_probe`` when a line is logged, so every log line and tensorboard step shows the most
+        recent measurement (and, not being saved in checkpoints, they cannot disturb a resume)."""
+        super().reduce_metrics(logging_outputs, criterion)
+        for key in self.last_probe:
+            metrics.log_derived(key, lambda meters, key=key: round(self.last_probe[key], 4), priority=900)
+
     def optimizer_step(self, optimizer: Any, model: torch.nn.Module, update_num: int) -> None:
         """Step the optimizer, then move the EMA teacher towards the new student weights.
 
@@ -145,11 +213,13 @@ class EATPretrainingTask(EATAudioTask):
         super().optimizer_step(optimizer, model, update_num)
         if scaler is not None and scaler.get_scale() < scale_before:
             return  # the AMP scaler found inf/nan gradients and skipped the optimizer step
-        core = model
-        while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):
-            core = core.module  # unwrap distributed wrappers
+        core = _unwrap(model)
         if hasattr(core, "ema_step"):
             core.ema_step(update_num + 1)
+        done = update_num + 1
+        interval = self.cfg.probe_interval_updates
+        if self.probe is not None and ((interval > 0 and done % interval == 0) or done == self.cfg.max_update):
+            self.run_probe(model, done)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +274,13 @@ class EATModelConfig(EATEncoderFields):
             "per-device batch, as the authors' code); mean: averaged over rows (batch-size independent)"
         },
     )
+    target_position: ChoiceEnum(["keep", "center"]) = field(  # type: ignore[valid-type]
+        default="keep",
+        metadata={
+            "help": "keep: targets as the release; center: subtract the batch mean at each patch position "
+            "from the teacher targets (before their LayerNorm), removing what position alone predicts"
+        },
+    )
 
 
 @register_model("eat", dataclass=EATModelConfig)
@@ -252,19 +329,15 @@ class EATUFOCriterion(FairseqCriterion):
 
     def __init__(self, cfg: EATUFOCriterionConfig, task: FairseqTask) -> None:
         super().__init__(task)
+        self.last_gradient_norms: Dict[str, float] = {}
 
     def forward(self, model: torch.nn.Module, sample: Dict[str, Any], reduce: bool = True):
-        core = model
-        while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):
-            core = core.module
+        core = _unwrap(model)
         net_input = sample["net_input"]
         out = model(source=net_input["source"], mask=net_input.get("mask"))
-        loss, sample_size = ufo_loss(
-            out["frame_err"],
-            out["utterance_err"],
-            utterance_weight=core.cfg.utterance_loss_weight,
-            reduction=str(core.cfg.utterance_reduction),
-        )
+        weight = core.cfg.utterance_loss_weight
+        reduction = str(core.cfg.utterance_reduction)
+        loss, sample_size = ufo_loss(out["frame_err"], out["utterance_err"], utterance_weight=weight, reduction=reduction)
         frame_sum = out["frame_err"].detach().float().sum().item()
         utt = out["utterance_err"].detach().float()
         n_rows = utt.numel()
@@ -272,6 +345,11 @@ class EATUFOCriterion(FairseqCriterion):
             "loss": loss.detach().float().item(),
             "frame_loss": frame_sum,
             "utterance_loss": utt.sum().item(),
+            # the weighted utterance contribution, in the units of loss (loss = frame_loss + utterance_term)
+            "utterance_term": loss.detach().float().item() - frame_sum,
+            "pos_share": _as_float(out.get("pos_share", 0.0)),
+            "student_spread": _as_float(out.get("student_spread", 0.0)),
+            "cls_spread": _as_float(out.get("cls_spread", 0.0)),
             "ntokens": int(sample_size),
             "nsentences": int(sample["id"].numel()),
             "nrows": n_rows,
@@ -283,7 +361,33 @@ class EATUFOCriterion(FairseqCriterion):
             "ema_decay": float(core.ema_decay_at(getattr(core, "num_updates", 0) + 1)),
             "skipped": int(sample.get("skipped", 0)),
         }
+        interval = int(getattr(getattr(self.task, "cfg", None), "diagnostics_interval_updates", 0) or 0)
+        if model.training and torch.is_grad_enabled() and interval > 0 and core.num_updates % interval == 0:
+            self.last_gradient_norms = self.gradient_norms(core, out, weight, reduction)
+        if model.training and self.last_gradient_norms:
+            # the latest measurement is repeated until the next one, so no log line shows a gap
+            logging_output.update(self.last_gradient_norms, ngrad=1)
         return loss, sample_size, logging_output
+
+    @staticmethod
+    def gradient_norms(core: torch.nn.Module, out: Dict[str, Any], weight: float, reduction: str) -> Dict[str, float]:
+        """Norm of the gradient each weighted loss term sends to the student encoder (this rank's batch).
+
+        Two extra backward passes through the retained graph; ``torch.autograd.grad`` returns the
+        gradients without touching ``.grad``, so training is unchanged.
+        """
+        params = [p for p in core.encoder.parameters() if p.requires_grad]
+        frame_term = out["frame_err"].float().mean()
+        utt = out["utterance_err"].float()
+        utt_term = weight * (utt.sum() if reduction == "release" else utt.mean())
+
+        def norm(term: torch.Tensor) -> float:
+            if not term.requires_grad:
+                return 0.0
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)).item())
+
+        return {"grad_frame": norm(frame_term), "grad_utterance": norm(utt_term)}
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:
@@ -298,10 +402,19 @@ class EATUFOCriterion(FairseqCriterion):
             metrics.log_scalar("frame_loss", total("frame_loss") / sample_size, sample_size, round=4)
         if nrows > 0:
             metrics.log_scalar("utterance_loss", total("utterance_loss") / nrows, nrows, round=4)
+        if sample_size > 0:
+            metrics.log_scalar("utterance_term", total("utterance_term") / sample_size, sample_size, round=4)
         if nbatches > 0:
-            for key in ("target_var", "pred_var", "masked_pct"):
+            for key in ("target_var", "pred_var", "masked_pct", "pos_share", "student_spread", "cls_spread"):
                 metrics.log_scalar(key, total(key) / nbatches, nbatches, round=4)
             metrics.log_scalar("ema_decay", total("ema_decay") / nbatches, nbatches, round=6)
+        ngrad = total("ngrad")
+        if ngrad > 0:
+            g_frame, g_utt = total("grad_frame") / ngrad, total("grad_utterance") / ngrad
+            metrics.log_scalar("grad_frame", g_frame, ngrad, round=4)
+            metrics.log_scalar("grad_utterance", g_utt, ngrad, round=4)
+            if g_frame + g_utt > 0:
+                metrics.log_scalar("grad_utt_share", g_utt / (g_frame + g_utt), ngrad, round=4)
         skipped = total("skipped")
         if skipped:
             metrics.log_scalar_sum("skipped_files", skipped, round=0)
@@ -310,6 +423,13 @@ class EATUFOCriterion(FairseqCriterion):
     def logging_outputs_can_be_summed() -> bool:
         # every entry above is a sum (divided in reduce_metrics); needed for CPU distributed training
         return True
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The core model inside fairseq's distributed wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
 
 
 def _as_float(x: Any) -> float:

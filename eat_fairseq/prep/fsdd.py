@@ -30,8 +30,10 @@ from eat_fairseq.prep.common import (
 
 HELP_EPILOG = """\
 input: RECORDINGS_DIR/{digit}_{speaker}_{take}.wav (the recordings/ folder of FSDD, not recursive).
-splits by take: 0-4 -> test (FSDD's own test set), 5-9 -> valid, 10 and above -> train.
-outputs (in DEST):
+--split-by take (default): 0-4 -> test (FSDD's own test set), 5-9 -> valid, 10 and above -> train.
+--split-by speaker: one split per speaker, named after the speaker ({speaker}.tsv/.lbl, e.g.
+  jackson.tsv), for leave-one-speaker-out evaluation (eat-probe --data DEST --folds auto).
+outputs (in DEST, shown for --split-by take):
   train.tsv, valid.tsv, test.tsv   line 1 the absolute RECORDINGS_DIR, then file.wav<TAB>n_samples,
                                    sorted by file name (FSDD is 8 kHz; n_samples are 8 kHz frames)
   train.lbl, valid.lbl, test.lbl   clip_id<TAB>digit, clip_id = file name without .wav
@@ -50,21 +52,27 @@ def split_of_take(take: int) -> str:
     return "test" if take < 5 else "valid" if take < 10 else "train"
 
 
+SPLIT_BY = ("take", "speaker")
+
+
 def write_fsdd_manifests(
     recordings: str | os.PathLike,
     dest: str | os.PathLike,
     workers: int = 1,
     force: bool = False,
     quiet: bool = True,
+    split_by: str = "take",
 ) -> ManifestReport:
-    """Write train/valid/test tsv+lbl, ``label_descriptors.csv`` and ``excluded.tsv``."""
+    """Write the split tsv+lbl files, ``label_descriptors.csv`` and ``excluded.tsv``.
+
+    ``split_by="take"``: train/valid/test by take number; ``"speaker"``: one split per speaker.
+    """
+    if split_by not in SPLIT_BY:
+        raise PrepError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
     root = os.path.abspath(os.fspath(recordings))
     dest_p = Path(os.path.abspath(os.fspath(dest)))
     if not os.path.isdir(root):
         raise PrepError(f"{root} is not a directory")
-    outputs = [dest_p / f"{s}{ext}" for s in SPLITS for ext in (".tsv", ".lbl")]
-    outputs += [dest_p / "label_descriptors.csv", dest_p / "excluded.tsv"]
-    check_outputs(outputs, force)
 
     report = ManifestReport(root=Path(root), dest=dest_p)
     candidates = []
@@ -77,9 +85,13 @@ def write_fsdd_manifests(
             report.excluded.append(Excluded(name, BAD_NAME, "not {digit}_{speaker}_{take}.wav"))
             continue
         candidates.append((name, name.rsplit(".", 1)[0], (match.group(1),)))
-        split_of[name] = split_of_take(int(match.group(3)))
+        split_of[name] = split_of_take(int(match.group(3))) if split_by == "take" else match.group(2).lower()
+    splits = SPLITS if split_by == "take" else tuple(sorted(set(split_of.values())))
+    outputs = [dest_p / f"{s}{ext}" for s in splits for ext in (".tsv", ".lbl")]
+    outputs += [dest_p / "label_descriptors.csv", dest_p / "excluded.tsv"]
+    check_outputs(outputs, force)
     usable = probe_entries(root, candidates, workers, quiet, report)
-    for split in SPLITS:
+    for split in splits:
         entries = [usable[n] for n, _, _ in candidates if n in usable and split_of[n] == split]
         write_split(dest_p, split, root, entries, report)
     report.outputs.append(write_text_atomic(
@@ -97,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("recordings", metavar="RECORDINGS_DIR", help="FSDD's recordings/ folder")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--split-by", choices=SPLIT_BY, default="take",
+                        help="take: train/valid/test by take number (default); speaker: one split per speaker")
     add_common_args(parser)
     return parser
 
@@ -104,4 +118,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_fsdd_manifests(args.recordings, args.dest, workers=args.workers,
-                                                force=args.force, quiet=args.quiet))
+                                                force=args.force, quiet=args.quiet, split_by=args.split_by))
