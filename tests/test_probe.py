@@ -1,0 +1,144 @@
+"""Frozen-feature probe (core + eat-probe) and the pre-training diagnostics it is read with."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.core.features import FeatureConfig
+from eat_fairseq.core.objective import teacher_targets
+from eat_fairseq.core.pretraining import feature_spread, positional_share
+from eat_fairseq.core.probe import (ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
+                                    load_probe_data, parse_splits)
+
+
+def synthetic_probe(num_groups: int = 3, per_group: int = 60, num_classes: int = 4, dim: int = 16,
+                    separation: float = 6.0, seed: int = 0) -> tuple[torch.Tensor, ProbeData]:
+    """Gaussian clusters, one per class, spread over ``num_groups`` folds."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * separation
+    labels = torch.arange(num_groups * per_group) % num_classes
+    x = centres[labels] + torch.randn(len(labels), dim, generator=g)
+    data = ProbeData(fbank=[torch.zeros(1, 128)] * len(labels), labels=labels,
+                     groups=torch.arange(len(labels)) // per_group,
+                     split_names=[f"g{i}" for i in range(num_groups)],
+                     spec=SplitSpec(folds=[f"g{i}" for i in range(num_groups)]),
+                     num_classes=num_classes, class_names=[str(c) for c in range(num_classes)])
+    return x, data
+
+
+def test_probe_separates_well_separated_classes() -> None:
+    x, data = synthetic_probe()
+    res = evaluate_features(x, data)
+    assert res["logreg"] > 0.97 and res["knn"] > 0.97, res
+    assert len(res["logreg_folds"]) == 3
+
+
+def test_probe_gives_chance_on_shuffled_labels() -> None:
+    """Labels unrelated to the features: both classifiers must fall to chance (25% for 4 classes).
+
+    A probe that leaked test labels into fitting or model selection would stay far above it.
+    """
+    x, data = synthetic_probe(per_group=200)
+    perm = torch.randperm(len(data.labels), generator=torch.Generator().manual_seed(1))
+    data.labels = data.labels[perm]
+    res = evaluate_features(x, data)
+    for name in ("logreg", "knn"):
+        assert 0.17 < res[name] < 0.33, (name, res)
+
+
+def test_train_test_spec_and_subset() -> None:
+    x, data = synthetic_probe(num_groups=2)
+    data.spec = SplitSpec(train="g0", test="g1")
+    res = evaluate_features(x, data)
+    assert len(res["logreg_folds"]) == 1 and res["logreg"] > 0.97
+    assert evenly_spaced(10, 3) == [0, 4, 9] and evenly_spaced(3, 10) == [0, 1, 2]
+    sub = data.subset(8)
+    assert len(sub) == 16 and set(sub.labels.tolist()) == {0, 1, 2, 3}  # every class, not the first rows
+
+
+def test_positional_share_and_spread() -> None:
+    g = torch.Generator().manual_seed(0)
+    position_only = torch.randn(1, 32, 16, generator=g).expand(8, 32, 16).contiguous()
+    content = torch.randn(8, 32, 16, generator=g)
+    assert positional_share(position_only) > 0.99
+    assert positional_share(content) < 0.05  # finite-batch bias removed
+    mixed = position_only + content
+    assert 0.3 < float(positional_share(mixed)) < 0.7
+    assert feature_spread(torch.ones(5, 8) * 3.0) == 0.0
+    assert feature_spread(torch.randn(64, 8, generator=g)) > 0.8
+
+
+def test_target_position_center_removes_the_positional_part() -> None:
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 1 + 32, 16, generator=g)
+    ffn = [pos + 0.3 * torch.randn(6, 1 + 32, 16, generator=g) for _ in range(2)]
+    keep = teacher_targets(ffn, 2)
+    center = teacher_targets(ffn, 2, position="center")
+    assert torch.equal(keep, teacher_targets(ffn, 2, position="keep"))
+    assert positional_share(keep) > 0.5
+    assert positional_share(center) < 0.05
+    with pytest.raises(ValueError, match="position"):
+        teacher_targets(ffn, 2, position="drop")
+
+
+def write_tone_folder(root: Path, splits: int = 3, per_class: int = 6, sr: int = 16000) -> Path:
+    """Two classes (low / high tone) x ``splits`` splits, with label files and descriptors."""
+    audio = root / "audio"
+    audio.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for s in range(splits):
+        rows, labels = [], []
+        for c, base in enumerate((300.0, 2500.0)):
+            for k in range(per_class):
+                n = int(sr * rng.uniform(0.4, 1.0))
+                t = np.arange(n) / sr
+                x = 0.3 * np.sin(2 * np.pi * base * rng.uniform(0.9, 1.1) * t) + 0.02 * rng.standard_normal(n)
+                name = f"s{s}_c{c}_{k}.wav"
+                sf.write(audio / name, x.astype(np.float32), sr)
+                rows.append(f"{name}\t{n}")
+                labels.append(f"{name[:-4]}\t{'low' if c == 0 else 'high'}")
+        (root / f"split{s}.tsv").write_text(f"{audio}\n" + "\n".join(rows) + "\n")
+        (root / f"split{s}.lbl").write_text("\n".join(labels) + "\n")
+    (root / "label_descriptors.csv").write_text("0,low\n1,high\n")
+    return root
+
+
+def test_encoder_features_shapes_and_modes(tmp_path: Path) -> None:
+    data = load_probe_data(str(write_tone_folder(tmp_path, splits=2, per_class=2)), "auto")
+    assert data.split_names == ["split0", "split1"] and len(data) == 8
+    enc = EATEncoder(EncoderConfig.tiny())
+    enc.train()
+    feats = encoder_features(enc, data, FeatureConfig(target_length=128), layers=[-1, 0])
+    assert enc.training  # mode restored
+    assert feats[(1, "freq")].shape == (8, 8 * 64) and feats[(0, "cls")].shape == (8, 64)
+    # pooling over real patches only: a clip padded further gives the same "mean" on its real part
+    longer = encoder_features(enc, data, FeatureConfig(target_length=256), layers=[0], poolings=["mean"],
+                              pool_padding=False)
+    assert longer[(0, "mean")].shape == (8, 64)
+    with pytest.raises(ValueError, match="at least 2"):
+        parse_splits("split0", str(tmp_path))
+
+
+def test_eat_probe_cli(tmp_path: Path) -> None:
+    folder = write_tone_folder(tmp_path / "tones")
+    out_json = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "eat_fairseq.cli.probe", "--data", str(folder), "--arch", "tiny", "--random-init",
+           "--layers", "last", "--pooling", "mean,freq", "--json", str(out_json), "--target-length", "128"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "logmel-meanstd" in proc.stdout and "random-init" in proc.stdout
+    result = json.loads(out_json.read_text())
+    rows = {(r["model"], r["pooling"]): r for r in result["rows"]}
+    assert rows[("logmel", "logmel-mean")]["logreg"] > 0.9  # tones are trivially separable by spectrum
+    assert len(rows[("random-init(seed 1)", "freq")]["logreg_folds"]) == 3
+    bad = subprocess.run([sys.executable, "-m", "eat_fairseq.cli.probe", "--data", str(tmp_path / "nope"),
+                          "--arch", "tiny", "--random-init"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
