@@ -27,7 +27,9 @@ from .encoder import EATEncoder, EncoderConfig
 from .masking import inverse_block_mask
 from .objective import frame_errors, teacher_targets
 
-__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters"]
+__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters", "TEACHER_PRECISIONS"]
+
+TEACHER_PRECISIONS = ("release", "fp32")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class PretrainConfig:
     ema_anneal_end_step: int = 100000
     utterance_loss_weight: float = 1.0
     utterance_reduction: str = "release"
+    teacher_precision: str = "release"
 
     @classmethod
     def base(cls, **overrides: Any) -> "PretrainConfig":
@@ -108,6 +111,8 @@ class EATPretrainingModel(nn.Module):
         super().__init__()
         cfg = cfg if cfg is not None else PretrainConfig()
         self.cfg = cfg
+        if str(cfg.teacher_precision) not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {cfg.teacher_precision!r}")
         if not 1 <= cfg.average_top_k_layers <= cfg.encoder.depth:
             raise ValueError(
                 f"average_top_k_layers={cfg.average_top_k_layers} must be in 1..depth={cfg.encoder.depth}"
@@ -165,10 +170,32 @@ class EATPretrainingModel(nn.Module):
 
     @torch.no_grad()
     def compute_targets(self, fbank: Tensor) -> Tensor:
-        """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input (autocast disabled)."""
-        with torch.autocast(device_type=fbank.device.type, enabled=False):
-            _, ffn_outputs = self.teacher(fbank.float())
-            return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
+        """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input.
+
+        The teacher's weights are always kept in fp32 (the EMA's master copy, see :meth:`_apply`);
+        ``cfg.teacher_precision`` picks the precision of its forward:
+
+        - ``"release"`` (the authors' code): the forward runs in the student's dtype, i.e. under
+          fp16/bf16 training (``model.half()``/``.bfloat16()``) on a half-precision copy of the fp32
+          weights and input (an fp32 student under autocast: the fp32 teacher under that autocast).
+          The targets are then normalised in fp32. Cheaper on GPUs; bf16 targets differ from fp32
+          ones by about 1e-2 relative.
+        - ``"fp32"``: the forward runs in fp32 with autocast disabled, whatever the student's dtype.
+
+        With an fp32 student and no autocast (e.g. CPU fp32 training) both give the same targets.
+        """
+        dtype = self.encoder.cls_token.dtype
+        if str(self.cfg.teacher_precision) == "fp32":
+            with torch.autocast(device_type=fbank.device.type, enabled=False):
+                _, ffn_outputs = self.teacher(fbank.float())
+                return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
+        if dtype == torch.float32:
+            _, ffn_outputs = self.teacher(fbank.float())  # an active autocast applies, as in the release
+        else:
+            # the release's teacher is an fp16/bf16 module restored from its fp32 EMA copy each step
+            state = {k: v.to(dtype) for k, v in self.teacher.state_dict(keep_vars=True).items()}
+            _, ffn_outputs = torch.func.functional_call(self.teacher, state, (fbank.to(dtype),))
+        return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers)
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
         """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""
