@@ -326,42 +326,43 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pretrain_row(r: dict) -> tuple[str, str]:
+    return (
+        f"{r['precision']}, teacher {r['teacher']}, {r['batch']} x clone {r['clone']}, {r['frames']} frames",
+        f"{r['clips_per_s']:.1f} clips/s ({r['s_per_update']:.3f} s/update), peak {_fmt(r['peak_mib'], '.0f')} MiB, "
+        f"overflow steps {r['overflow_steps']}",
+    )
+
+
+def _train_row(r: dict) -> tuple[str, str]:
+    runs = ", ".join(f"{x['max_update']} updates in {x['seconds']:.0f} s" for x in r["runs"])
+    return ("torchrun x1, resume", f"{'ok' if r['ok'] else 'NOT ok'}: {runs}; resumed {r['resumed']}, "
+            f"final updates {r['num_updates']}, EMA steps {r['num_ema_updates']}")
+
+
+ROWS: list[tuple[str, str, Callable[[dict], tuple[str, str]]]] = [
+    *((f"pretrain {p} teacher={t}", "pre-training", _pretrain_row) for p, t in PRECISIONS),
+    ("extraction", "extraction", lambda r: (f"batch {r['batch']}, {r['clips']} clips of {r['seconds']:g} s",
+                                            f"{r['clips_per_s']:.1f} clips/s")),
+    ("fbank", "fbank parity", lambda r: ("one batched call (mixed lengths) vs torchaudio per clip on the CPU",
+                                         f"{'equal' if r['equal'] else 'NOT equal'}: max abs diff "
+                                         f"{r['max_abs_diff']:.2e}, max rel {r['max_rel_diff']:.2e}")),
+    ("train", "fairseq-hydra-train", _train_row),
+]
+
+
 def render(results: dict, header: str) -> str:
     """The markdown table of everything measured."""
     lines = [header, "", "| check | setting | result |", "|---|---|---|"]
-    for (precision, teacher) in PRECISIONS:
-        name = f"pretrain {precision} teacher={teacher}"
-        if name not in results:
+    for name, label, row in ROWS:
+        entry = results.get(name)
+        if entry is None:
             continue
-        entry = results[name]
-        if not entry["ok"]:
-            lines.append(f"| pre-training | {precision}, teacher {teacher} | FAILED: {entry['error'][:120]} |")
-            continue
-        r = entry["result"]
-        lines.append(
-            f"| pre-training | {r['precision']}, teacher {r['teacher']}, {r['batch']} x clone {r['clone']}, "
-            f"{r['frames']} frames | {r['clips_per_s']:.1f} clips/s ({r['s_per_update']:.3f} s/update), peak "
-            f"{_fmt(r['peak_mib'], '.0f')} MiB, overflow steps {r['overflow_steps']} |"
-        )
-    for name, label in (("extraction", "extraction"), ("fbank", "fbank parity"), ("train", "fairseq-hydra-train")):
-        if name not in results:
-            continue
-        entry = results[name]
-        if not entry["ok"]:
-            lines.append(f"| {label} | | FAILED: {entry['error'].splitlines()[0][:160]} |")
-            continue
-        r = entry["result"]
-        if name == "extraction":
-            lines.append(f"| {label} | batch {r['batch']}, {r['clips']} clips of {r['seconds']:g} s | "
-                         f"{r['clips_per_s']:.1f} clips/s |")
-        elif name == "fbank":
-            lines.append(f"| {label} | {r['clips']} mixed-length clips, one batched call vs torchaudio per clip | "
-                         f"{'equal' if r['equal'] else 'NOT equal'}: max abs diff {r['max_abs_diff']:.2e}, "
-                         f"max rel {r['max_rel_diff']:.2e} |")
+        if entry["ok"]:
+            setting, result = row(entry["result"])
         else:
-            runs = ", ".join(f"{x['max_update']} updates in {x['seconds']:.0f} s" for x in r["runs"])
-            lines.append(f"| {label} | torchrun x1, resume | {'ok' if r['ok'] else 'NOT ok'}: {runs}; resumed "
-                         f"{r['resumed']}, final updates {r['num_updates']}, EMA steps {r['num_ema_updates']} |")
+            setting, result = name, "FAILED: " + entry["error"].splitlines()[0][:160]
+        lines.append(f"| {label} | {setting} | {result} |")
     return "\n".join(lines)
 
 

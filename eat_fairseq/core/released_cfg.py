@@ -25,6 +25,15 @@ from typing import Any
 
 __all__ = ["released_pretraining_cfg", "released_finetuning_cfg", "finetune_dataset_kind"]
 
+# EAT trains without dropout (data2vec's defaults are 0.1); the fine-tuning classifier writes the same
+NO_DROPOUT = {
+    "encoder_dropout": 0.0,
+    "post_mlp_drop": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "dropout_input": 0.0,
+    "layerdrop": 0.0,
+}
 PRETRAIN_LOG_KEYS = ["ema_decay", "target_var", "pred_var", "model_norm", "ema_norm", "masked_pct"]
 
 
@@ -56,6 +65,30 @@ def _composite_optimizer(lr: float, warmup: int, min_lr: float | None) -> dict[s
                 "optimizer": {"_name": "adam", "adam_betas": [0.9, 0.95], "weight_decay": 0.05},
                 "lr_scheduler": scheduler,
             }
+        },
+    }
+
+
+def _run_sections(seed: int, common: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``common`` and ``checkpoint`` sections both release yamls share, plus their own entries."""
+    return {
+        "_name": None,
+        "common": {
+            "fp16": True,
+            "log_format": "json",
+            "log_interval": 200,
+            "tensorboard_logdir": "tb",
+            "fp16_no_flatten_grads": True,
+            "user_dir": None,
+            "seed": seed,
+            **common,
+        },
+        "checkpoint": {
+            "save_interval": 1,
+            "save_interval_updates": 10000,
+            "keep_interval_updates": 1,
+            "no_epoch_checkpoints": True,
+            **checkpoint,
         },
     }
 
@@ -153,12 +186,7 @@ def released_pretraining_cfg(
         "num_heads": int(model["num_heads"]),
         "norm_eps": float(model.get("norm_eps", 1e-6)),
         "norm_affine": True,
-        "encoder_dropout": 0.0,
-        "post_mlp_drop": 0.0,
-        "attention_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "dropout_input": 0.0,
-        "layerdrop": 0.0,
+        **NO_DROPOUT,
         "embed_dim": int(model["embed_dim"]),
         "mlp_ratio": float(model.get("mlp_ratio", 4.0)),
         "layer_norm_first": False,  # post-LN blocks
@@ -214,23 +242,7 @@ def released_pretraining_cfg(
         "flexible_mask": False,
     }
     return {
-        "_name": None,
-        "common": {
-            "fp16": True,
-            "log_format": "json",
-            "log_interval": 200,
-            "tensorboard_logdir": "tb",
-            "min_loss_scale": 1e-6,
-            "fp16_no_flatten_grads": True,
-            "user_dir": None,
-            "seed": seed,
-        },
-        "checkpoint": {
-            "save_interval": 1,
-            "save_interval_updates": 10000,
-            "keep_interval_updates": 1,
-            "no_epoch_checkpoints": True,
-        },
+        **_run_sections(seed, {"min_loss_scale": 1e-6}, {}),
         "task": cfg_task,
         "dataset": {
             "num_workers": 10,
@@ -342,12 +354,7 @@ def released_finetuning_cfg(
         "data": "",
         "norm_eps": None,
         "remove_alibi": False,
-        "encoder_dropout": 0.0,
-        "post_mlp_drop": 0.0,
-        "attention_dropout": 0.0,
-        "activation_dropout": 0.0,
-        "dropout_input": 0.0,
-        "layerdrop": 0.0,
+        **NO_DROPOUT,
         "prenet_layerdrop": 0.0,
         "prenet_dropout": 0.0,
         "use_fc_norm": True,
@@ -385,24 +392,7 @@ def released_finetuning_cfg(
         "esc50_eval": kind == "esc50",
     }
     return {
-        "_name": None,
-        "common": {
-            "fp16": True,
-            "log_format": "json",
-            "log_interval": 200,
-            "tensorboard_logdir": "tb",
-            "fp16_no_flatten_grads": True,
-            "user_dir": None,
-            "seed": seed,
-        },
-        "checkpoint": {
-            "save_interval": 1,
-            "save_interval_updates": 10000,
-            "keep_interval_updates": 1,
-            "no_epoch_checkpoints": True,
-            "best_checkpoint_metric": recipe["metric"],
-            "maximize_best_checkpoint_metric": True,
-        },
+        **_run_sections(seed, {}, {"best_checkpoint_metric": recipe["metric"], "maximize_best_checkpoint_metric": True}),
         "task": cfg_task,
         "dataset": {
             "num_workers": 6,
