@@ -2,7 +2,8 @@
 
 One forward computes everything the Utterance-Frame Objective needs:
 
-1. the teacher (EMA copy of the encoder, fp32, eval, no grad) encodes the full unmasked clip and its
+1. the teacher (EMA copy of the encoder: fp32 weights, eval, no grad; its forward in the student's dtype
+   by default, see ``compute_targets``) encodes the full unmasked clip and its
    top-K FFN outputs become targets ``(B, P, D)``;
 2. the student embeds the clip once, repeats it ``clone_batch`` times (multi-mask), keeps each copy's
    visible patches and encodes them with CLS;
