@@ -179,7 +179,8 @@ def test_finetuned_esc50_carries_the_classifier_and_its_pretraining_cfg(tmp_path
         assert model[key] == 0.0, key
     pre = model["pretrained_model_args"]
     assert pre["criterion"] is None and pre["lr_scheduler"] is None
-    assert set(pre["task"]) <= RELEASE_PRETRAIN_TASK_KEYS and pre["task"]["target_length"] == 512
+    # the pre-training task keeps its own 1024 frames; the model's image modality gets the 512 of ESC-50
+    assert set(pre["task"]) <= RELEASE_PRETRAIN_TASK_KEYS and pre["task"]["target_length"] == 1024
     _check_pretraining_model(pre["model"], 768, 12, 12, 512)
     assert pre["model"]["drop_path_rate"] == 0.1
     assert (pre["model"]["start_drop_path_rate"], pre["model"]["end_drop_path_rate"]) == (0.0, 0.1)

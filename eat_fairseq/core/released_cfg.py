@@ -321,7 +321,9 @@ def released_finetuning_cfg(
     noise = bool(src_task.get("noise_and_roll", recipe["noise"]))
 
     # pretrained_model_args: the pre-training cfg as the release's classifier rewrites it
-    pre = released_pretraining_cfg(pretrain_model, {"target_length": target_length})
+    # its task section stays the pre-training run's (10 s AudioSet clips); the release only rewrites
+    # the image modality's target_length for the fine-tuning input (below)
+    pre = released_pretraining_cfg(pretrain_model, {"target_length": 1024})
     pre["criterion"] = None
     pre["lr_scheduler"] = None
     pre_model = pre["model"]
