@@ -73,7 +73,8 @@ def test_finetuning_recipes_match_reference(name) -> None:
     world = cfg.get("distributed_training", {}).get("distributed_world_size", 1)
     assert cfg.dataset.batch_size * world * cfg.optimization.get("update_freq", [1])[0] == batch
     assert list(cfg.optimization.lr) == [lr] and cfg.optimization.max_update == updates
-    assert cfg.lr_scheduler._name == "cosine" and cfg.lr_scheduler.warmup_updates == warmup
+    assert cfg.lr_scheduler._name == "eat_cosine" and cfg.lr_scheduler.warmup_updates == warmup
+    assert cfg.lr_scheduler.get("layer_decay_schedule", "per_group") == "per_group"
     assert cfg.lr_scheduler.min_lr == 1e-6
     assert list(cfg.optimizer.adam_betas) == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.05
     assert cfg.task.target_length == frames

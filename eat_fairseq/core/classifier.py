@@ -9,9 +9,14 @@ table, pre-LN, ``fc_norm`` and ``head`` stay at full lr. For EAT-base (N = 12) b
 0.65**12 ~ 0.0057x and block 11 at 0.65x, the reference's "block j of 12 gets 0.65^(12-j)" read with
 0-based j, which is also what the authors' code does (blocks numbered from 1 in a table of N + 2
 scales whose entry N + 1 is the full-lr head).
+
+The release gives each scale its own cosine schedule (:func:`layer_decay_cosine_lr`): the peak is
+scaled, the warm-up start and ``min_lr`` are not, and a group whose scaled peak is below ``min_lr``
+trains at that constant peak.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,8 +141,9 @@ def layer_decay_param_groups(
 
     Each group has ``params``, ``lr_scale``, ``weight_decay``, ``names`` (for inspection; drop it
     before handing the groups to a plain torch optimizer, or use :func:`torch_param_groups`) and,
-    if ``base_lr`` is given, ``lr = base_lr * lr_scale``. A scheduler must multiply its lr by each
-    group's ``lr_scale`` (the fairseq optimizer ``eat_adam`` does). Weight decay applies to every
+    if ``base_lr`` is given, ``lr = base_lr * lr_scale`` (the group's peak). Schedule each group with
+    :func:`layer_decay_cosine_lr` to train as the release does (the fairseq optimizer ``eat_adam`` with
+    the scheduler ``eat_cosine`` does exactly that). Weight decay applies to every
     parameter, as in the reference; ``no_weight_decay_1d`` exempts biases, norms and the CLS token.
     Frozen parameters are left out.
     """
@@ -163,3 +169,37 @@ def layer_decay_param_groups(
 def torch_param_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The groups without the ``names`` key (torch optimizers keep unknown keys such as ``lr_scale``)."""
     return [{k: v for k, v in g.items() if k != "names"} for g in groups]
+
+
+def layer_decay_cosine_lr(
+    num_updates: int,
+    lr: float,
+    lr_scale: float,
+    warmup_updates: int,
+    max_update: int,
+    min_lr: float = 1e-6,
+    warmup_init_lr: float = -1.0,
+    lr_shrink: float = 0.1,
+) -> float:
+    """Learning rate of one layer-decay group after ``num_updates``, as the release schedules it.
+
+    The release runs fairseq's cosine schedule once per group with peak ``lr * lr_scale`` and the
+    UNSCALED ``min_lr`` and ``warmup_init_lr`` (default: ``min_lr``). When the peak is below
+    ``min_lr``, ``min_lr`` becomes the peak, so the group trains at a constant rate. Warm-up is
+    linear from ``warmup_init_lr`` to the peak over ``warmup_updates``; then a half cosine to
+    ``min_lr`` over ``max_update - warmup_updates`` updates (later periods restart, shrunk by
+    ``lr_shrink``, as fairseq's scheduler does).
+    """
+    peak = lr * lr_scale
+    floor = min(min_lr, peak)
+    start = floor if warmup_init_lr < 0 else warmup_init_lr
+    if num_updates < warmup_updates:
+        return start + num_updates * (peak - start) / warmup_updates
+    period = max_update - warmup_updates
+    if period <= 0:
+        raise ValueError(f"max_update ({max_update}) must exceed warmup_updates ({warmup_updates})")
+    done = num_updates - warmup_updates
+    cycle = math.floor(done / period)
+    shrink = lr_shrink**cycle
+    low, high = floor * shrink, peak * shrink
+    return low + 0.5 * (high - low) * (1 + math.cos(math.pi * (done - period * cycle) / period))

@@ -38,6 +38,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, load_checkpoint, load_safetensors, to_plain
 from .encoder import EncoderConfig
 from .pretraining import PretrainConfig
+from .released_cfg import released_finetuning_cfg, released_pretraining_cfg
 from .weights import extend_positions, from_hf, from_released, infer_encoder_config, to_released
 
 __all__ = [
@@ -206,10 +207,12 @@ def _pretrain_config(state: Mapping[str, Tensor], enc: EncoderConfig, cfg_model:
             value = _dig(cfg_model, name)  # our own flat cfg
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[name] = type(values[name])(value)
-    for name in ("utterance_loss_weight", "utterance_reduction", "mask_noise_std"):
+    for name in ("utterance_loss_weight", "utterance_reduction", "mask_noise_std", "teacher_precision"):
         value = _dig(cfg_model, name)
         if value is not None and isinstance(value, type(values[name])):
             values[name] = value
+    if _dig(cfg_model, "ema_same_dtype") is False:  # the release's switch for an fp32 teacher forward
+        values["teacher_precision"] = "fp32"
     blocks = sorted(
         int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and k.endswith(".conv.weight")
     )
@@ -552,78 +555,49 @@ def convert_ours(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[dict[str,
     return _finish(dict(state), kind, cfg.get("model"), "eat", labels, [], task)
 
 
-def _released_model_cfg(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The release's ``data2vec_multi`` model fields for our flat model cfg (size and masking)."""
-    return {
-        "_name": RELEASED_PRETRAIN_NAME,
-        "embed_dim": model_cfg.get("embed_dim"),
-        "depth": model_cfg.get("depth"),
-        "num_heads": model_cfg.get("num_heads"),
-        "mlp_ratio": model_cfg.get("mlp_ratio"),
-        "norm_eps": model_cfg.get("norm_eps"),
-        "clone_batch": model_cfg.get("clone_batch"),
-        "average_top_k_layers": model_cfg.get("average_top_k_layers"),
-        "ema_decay": model_cfg.get("ema_decay"),
-        "ema_end_decay": model_cfg.get("ema_end_decay"),
-        "ema_anneal_end_step": model_cfg.get("ema_anneal_end_step"),
-        "modalities": {
-            "image": {
-                "patch_size": model_cfg.get("patch_size"),
-                "in_chans": model_cfg.get("in_chans"),
-                "mask_prob": model_cfg.get("mask_prob"),
-                "mask_prob_adjust": model_cfg.get("mask_prob_adjust"),
-                "mask_length": model_cfg.get("mask_length"),
-                "inverse_mask": True,
-                "decoder": {
-                    "decoder_dim": model_cfg.get("decoder_dim"),
-                    "decoder_kernel": model_cfg.get("decoder_kernel_size"),
-                    "decoder_layers": model_cfg.get("decoder_depth"),
-                    "decoder_groups": model_cfg.get("decoder_groups"),
-                },
-            }
-        },
-    }
-
-
 def convert_to_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[dict[str, Any], ConversionSummary]:
     """One of OUR checkpoints -> ``(released-layout checkpoint, summary)``.
 
     The state dict is mapped name by name (tensors unchanged; the EMA counter, which the release
-    does not store, is dropped). The cfg uses the release's ``_name``s and carries the size and
-    masking fields; labels are stored as the release does, ``{label: "index"}``.
+    does not store, is dropped). The cfg is the complete one the release's own configs give this
+    model (:mod:`eat_fairseq.core.released_cfg`): model shape, EAT's training fields, the real
+    target length and masking, and the run's optimisation settings when ``ckpt`` records them.
+    Labels are stored as the release does, ``{label: "index"}``.
     """
     ours, summary = convert_ours(ckpt, kind)
+    training = to_plain(ckpt.get("cfg")) or {}
     model_cfg = ours["cfg"]["model"]
+    task_cfg = ours["cfg"]["task"]
     state = to_released(ours["model"])
-    feature_keys = ("target_length", "norm_mean", "norm_std", "sample_rate")
-    task = {k: v for k, v in ours["cfg"]["task"].items() if k in feature_keys}
     if summary.kind == "pretrained":
-        cfg_model = _released_model_cfg(model_cfg)
-        cfg_task = {"_name": RELEASED_PRETRAIN_TASK, "data": "", **task}
+        cfg = released_pretraining_cfg(model_cfg, task_cfg, training)
+        if str(model_cfg.get("utterance_reduction", "release")) != "release":
+            summary.notes.append(
+                "utterance_reduction=mean has no release field: cls_loss keeps the weight, which the release "
+                "applies to the SUM over the clip copies"
+            )
         task_state: dict[str, Any] = {}
     else:
-        preset = PretrainConfig.large() if summary.size == "large" else PretrainConfig.base()
-        pretrain_fields = {k: getattr(preset, k) for k in _PRETRAIN_FIELDS}
-        pretrain_like = _released_model_cfg({**model_cfg, **pretrain_fields})
-        cfg_model = {
-            "_name": RELEASED_FINETUNE_NAME,
-            "num_classes": model_cfg["num_classes"],
-            "drop_path_rate": model_cfg.get("drop_path_rate", 0.1),
-            "pretrained_model_args": {"model": pretrain_like, "task": {"_name": RELEASED_PRETRAIN_TASK}},
-        }
-        cfg_task = {"_name": RELEASED_FINETUNE_NAME, "data": "", **task}
+        size = summary.size
+        preset = PretrainConfig.large() if size == "large" else PretrainConfig.base()
+        pretrain_model = {**model_cfg, **{k: getattr(preset, k) for k in _PRETRAIN_FIELDS}}
+        if size not in ("base", "large"):  # a custom size: a decoder and target depth that fit it
+            pretrain_model.update(decoder_dim=model_cfg["embed_dim"], average_top_k_layers=model_cfg["depth"])
+        cfg = released_finetuning_cfg(model_cfg, task_cfg, pretrain_model, training)
+        summary.notes.append(
+            "pretrained_model_args: the size preset's pre-training settings (the classifier does not record them)"
+        )
         labels = ours["task_state"].get("labels")
         task_state = {"labels": {k: str(v) for k, v in labels.items()}} if labels else {}
     released = {
         "args": None,
-        "cfg": {"_name": None, "common": dict(ours["cfg"]["common"]), "task": cfg_task, "model": cfg_model,
-                "criterion": {"_name": "model"}},
+        "cfg": cfg,
         "model": state,
         "criterion": None,
         "optimizer_history": [
             {
                 "criterion_name": "ModelCriterion",
-                "optimizer_name": "FairseqAdam",
+                "optimizer_name": "FairseqCompositeOptimizer",
                 "lr_scheduler_state": {},
                 "num_updates": 0,
             }
@@ -665,21 +639,30 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _read_source(path: str, kind: str) -> tuple[dict[str, Any], ConversionSummary, Mapping[str, Any] | None]:
+    """``(our checkpoint, summary, the loaded .pt when it is one of ours)`` for any source file."""
+    try:
+        if _is_safetensors(path):
+            ours, summary = convert_hf(load_safetensors(path), _read_hf_config(path), kind)
+            return ours, summary, None
+        ckpt = load_checkpoint(path)
+        if detect_source(ckpt)[0] == "released":
+            ours, summary = convert_released(ckpt, kind)
+            return ours, summary, None
+        ours, summary = convert_ours(ckpt, kind)
+        return ours, summary, ckpt
+    except ConversionError as exc:
+        raise ConversionError(f"{path}: {exc}") from exc
+
+
 def read_any(path: str | os.PathLike, kind: str = "auto") -> tuple[dict[str, Any], ConversionSummary]:
     """Read a released ``.pt``, a Hugging Face ``.safetensors`` or one of ours -> ``(our checkpoint, summary)``.
 
     Errors name the file: :class:`CheckpointError` for unreadable files, :class:`ConversionError`
     for files that are readable but not convertible.
     """
-    path = os.fspath(path)
-    try:
-        if _is_safetensors(path):
-            return convert_hf(load_safetensors(path), _read_hf_config(path), kind)
-        ckpt = load_checkpoint(path)
-        fmt, _ = detect_source(ckpt)
-        return convert_released(ckpt, kind) if fmt == "released" else convert_ours(ckpt, kind)
-    except ConversionError as exc:
-        raise ConversionError(f"{path}: {exc}") from exc
+    ours, summary, _ = _read_source(os.fspath(path), kind)
+    return ours, summary
 
 
 def convert_file(
@@ -697,9 +680,12 @@ def convert_file(
         raise ConversionError(f"{dst}: already exists (use --force to overwrite)")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ConversionError(f"{dst}: source and destination are the same file")
-    ours, summary = read_any(src, kind)
+    ours, summary, original = _read_source(src, kind)
     if to == "released":
-        out, summary = convert_to_released(ours)
+        try:  # from the original of one of ours: its training cfg (updates, lr, batch) is kept
+            out, summary = convert_to_released(original if original is not None else ours)
+        except ConversionError as exc:
+            raise ConversionError(f"{src}: {exc}") from exc
     else:
         out = ours
     tmp = dst + ".tmp"

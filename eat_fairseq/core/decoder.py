@@ -52,9 +52,9 @@ class CNNDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(dims[i], dims[i + 1], kernel_size, groups) for i in range(depth)
         )
+        # PyTorch's default Linear init (weight and bias uniform in +-1/sqrt(fan_in)), as the release:
+        # its model-wide N(0, 0.02) init is followed by a reset of the decoder's projection.
         self.proj = nn.Linear(decoder_dim if depth else embed_dim, embed_dim)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
 
     def forward(self, visible: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
         b, p = mask.shape

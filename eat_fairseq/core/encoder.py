@@ -10,8 +10,11 @@ released checkpoint layout.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,17 +77,30 @@ class EncoderConfig:
 
 
 def sincos_pos_embed_1d(embed_dim: int, positions: Tensor) -> Tensor:
-    """1-D sin-cos table ``(N, embed_dim)``: ``[sin(pos * omega), cos(pos * omega)]``.
+    """1-D sin-cos table ``(N, embed_dim)`` in float32: ``[sin(pos * omega), cos(pos * omega)]``.
 
-    ``omega_i = 1 / 10000 ** (i / (embed_dim / 2))`` for ``i < embed_dim / 2``. Computed in float64,
-    as the release does, so tables regenerated here agree with stored ones to float32 rounding.
+    ``omega_i = 1 / 10000 ** (i / (embed_dim / 2))`` for ``i < embed_dim / 2``. The release computes
+    the table in numpy float32, so ``i / (D/2)``, the power, ``1 / x`` and ``pos * omega`` are each
+    rounded to float32 here at the same points. That rounding matters: ``pos * omega`` in float32 moves
+    the late rows of a 6144-row table by up to 5.4e-5 from a float64 table. Each step is correctly
+    rounded (float64 math, then one rounding to float32; sin/cos likewise), so the table does not
+    depend on the CPU or the library build: numpy's SIMD float32 ``power`` (AVX-512 builds) and torch's
+    float32 ``pow`` are off by one ulp for some ``omega``, which moves late rows by up to ~6e-5 again.
     """
     if embed_dim % 2:
         raise ValueError(f"embed_dim must be even for a sin-cos table, got {embed_dim}")
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega  # (D/2,)
-    angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)  # (N, D/2)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (N, D)
+    return torch.from_numpy(_sincos_1d(embed_dim, positions.detach().cpu().numpy()))
+
+
+def _sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """:func:`sincos_pos_embed_1d` on a numpy array of positions (float32 result)."""
+    half = embed_dim // 2
+    frac = np.arange(half, dtype=np.float32) / np.float32(half)  # float32 division, exactly rounded
+    power = np.array([math.pow(10000.0, float(x)) for x in frac], dtype=np.float64).astype(np.float32)
+    omega = (1.0 / power.astype(np.float64)).astype(np.float32)  # (D/2,)
+    pos = np.asarray(positions).astype(np.float32).reshape(-1)
+    angles = np.multiply.outer(pos, omega).astype(np.float64)  # float32 products, exactly rounded
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)  # (N, D)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:
@@ -92,15 +108,21 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:
 
     Row ``t * grid_w + f`` holds ``[table_1d(f) (D/2 dims), table_1d(t) (D/2 dims)]``: the first half
     encodes the frequency (column) index, the second half the time (row) index, as in the release.
+    Computed in float32 like the release (see :func:`sincos_pos_embed_1d`). Returns a new CPU tensor
+    (tables are cached by size: building EAT-base's 6144 x 768 table takes ~0.2 s).
     """
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be a multiple of 4 for 2-D sin-cos positions, got {embed_dim}")
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)  # (H*W,) time index t
-    cols = torch.arange(grid_w).repeat(grid_h)  # (H*W,) frequency index f
-    emb = torch.cat(
-        [sincos_pos_embed_1d(embed_dim // 2, cols), sincos_pos_embed_1d(embed_dim // 2, rows)], dim=1
-    )  # (H*W, D)
-    return emb.float()
+    return torch.from_numpy(_sincos_2d(embed_dim, grid_h, grid_w).copy())  # (H*W, D) float32
+
+
+@functools.lru_cache(maxsize=4)
+def _sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    rows = np.repeat(np.arange(grid_h), grid_w)  # (H*W,) time index t
+    cols = np.tile(np.arange(grid_w), grid_h)  # (H*W,) frequency index f
+    table = np.concatenate([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], axis=1)
+    table.flags.writeable = False
+    return table
 
 
 class PatchEmbed(nn.Module):
@@ -244,6 +266,7 @@ class EATEncoder(nn.Module):
             for dp in drop_path
         )
         pos = sincos_pos_embed_2d(d, cfg.max_length, cfg.grid_w).unsqueeze(0)  # (1, max_length*W, D)
+        pos = pos.to(self.cls_token.device)  # follows a default-device context (meta, cuda)
         self.register_buffer("pos_embed", pos, persistent=True)
 
         self.apply(init_linear_and_norm_)

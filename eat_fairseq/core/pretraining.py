@@ -2,7 +2,8 @@
 
 One forward computes everything the Utterance-Frame Objective needs:
 
-1. the teacher (EMA copy of the encoder, fp32, eval, no grad) encodes the full unmasked clip and its
+1. the teacher (EMA copy of the encoder: fp32 weights, eval, no grad; its forward in the student's dtype
+   by default, see ``compute_targets``) encodes the full unmasked clip and its
    top-K FFN outputs become targets ``(B, P, D)``;
 2. the student embeds the clip once, repeats it ``clone_batch`` times (multi-mask), keeps each copy's
    visible patches and encodes them with CLS;
@@ -27,7 +28,16 @@ from .encoder import EATEncoder, EncoderConfig
 from .masking import inverse_block_mask
 from .objective import frame_errors, teacher_targets
 
-__all__ = ["PretrainConfig", "EATPretrainingModel", "count_parameters", "positional_share", "feature_spread"]
+__all__ = [
+    "PretrainConfig",
+    "EATPretrainingModel",
+    "count_parameters",
+    "positional_share",
+    "feature_spread",
+    "TEACHER_PRECISIONS",
+]
+
+TEACHER_PRECISIONS = ("release", "fp32")
 
 
 @dataclass
@@ -51,6 +61,7 @@ class PretrainConfig:
     utterance_loss_weight: float = 1.0
     utterance_reduction: str = "release"
     target_position: str = "keep"
+    teacher_precision: str = "release"
 
     @classmethod
     def base(cls, **overrides: Any) -> "PretrainConfig":
@@ -141,6 +152,8 @@ class EATPretrainingModel(nn.Module):
         super().__init__()
         cfg = cfg if cfg is not None else PretrainConfig()
         self.cfg = cfg
+        if str(cfg.teacher_precision) not in TEACHER_PRECISIONS:
+            raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {cfg.teacher_precision!r}")
         if not 1 <= cfg.average_top_k_layers <= cfg.encoder.depth:
             raise ValueError(
                 f"average_top_k_layers={cfg.average_top_k_layers} must be in 1..depth={cfg.encoder.depth}"
@@ -198,10 +211,32 @@ class EATPretrainingModel(nn.Module):
 
     @torch.no_grad()
     def compute_targets(self, fbank: Tensor) -> Tensor:
-        """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input (autocast disabled)."""
-        with torch.autocast(device_type=fbank.device.type, enabled=False):
-            _, ffn_outputs = self.teacher(fbank.float())
-            return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
+        """Teacher targets ``(B, P, D)`` in fp32 from the full unmasked input.
+
+        The teacher's weights are always kept in fp32 (the EMA's master copy, see :meth:`_apply`);
+        ``cfg.teacher_precision`` picks the precision of its forward:
+
+        - ``"release"`` (the authors' code): the forward runs in the student's dtype, i.e. under
+          fp16/bf16 training (``model.half()``/``.bfloat16()``) on a half-precision copy of the fp32
+          weights and input (an fp32 student under autocast: the fp32 teacher under that autocast).
+          The targets are then normalised in fp32. Cheaper on GPUs; bf16 targets differ from fp32
+          ones by about 1e-2 relative.
+        - ``"fp32"``: the forward runs in fp32 with autocast disabled, whatever the student's dtype.
+
+        With an fp32 student and no autocast (e.g. CPU fp32 training) both give the same targets.
+        """
+        dtype = self.encoder.cls_token.dtype
+        if str(self.cfg.teacher_precision) == "fp32":
+            with torch.autocast(device_type=fbank.device.type, enabled=False):
+                _, ffn_outputs = self.teacher(fbank.float())
+                return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
+        if dtype == torch.float32:
+            _, ffn_outputs = self.teacher(fbank.float())  # an active autocast applies, as in the release
+        else:
+            # the release's teacher is an fp16/bf16 module restored from its fp32 EMA copy each step
+            state = {k: v.to(dtype) for k, v in self.teacher.state_dict(keep_vars=True).items()}
+            _, ffn_outputs = torch.func.functional_call(self.teacher, state, (fbank.to(dtype),))
+        return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
         """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""

@@ -262,12 +262,15 @@ def to_hf(state: Mapping[str, Any], strict: bool = True) -> dict[str, Any]:
 
 
 def extend_positions(pos: Tensor, max_rows: int, grid_w: int = 8, atol: float = 1e-4) -> Tensor:
-    """Regenerate the fixed sin-cos table ``(1, max_rows * grid_w, D)`` for ``max_rows`` TIME rows.
+    """Append sin-cos rows to a stored table ``(1, N, D)`` up to ``max_rows`` TIME rows.
 
     Older released files store only 512 rows (64 time patches, 10 s of audio); the table is a fixed
-    function of position, so it can be regenerated for longer inputs. The stored rows must agree with
-    the regenerated ones (within ``atol``), otherwise the file holds some other table and this raises
-    ``ValueError`` rather than silently replacing it. Returns the new table in ``pos``'s dtype/device.
+    function of position, so the missing rows can be generated for longer inputs. The stored rows are
+    kept exactly as they are (only rows after them are appended), so the first 10 s of every input
+    sees the very numbers the checkpoint was trained with. They must agree with the generated table
+    (within ``atol``), otherwise the file holds some other table and this raises ``ValueError``
+    rather than extending it. A table already ``max_rows`` long or longer is returned unchanged.
+    The result has ``pos``'s dtype and device.
     """
     if pos.ndim != 3 or pos.shape[0] != 1:
         raise ValueError(f"expected positions of shape (1, N, D), got {tuple(pos.shape)}")
@@ -275,14 +278,15 @@ def extend_positions(pos: Tensor, max_rows: int, grid_w: int = 8, atol: float = 
     if n % grid_w:
         raise ValueError(f"{n} position rows are not a multiple of grid_w={grid_w}")
     rows = max(max_rows, n // grid_w)
-    table = sincos_pos_embed_2d(d, rows, grid_w)  # (rows*W, D)
+    table = sincos_pos_embed_2d(d, rows, grid_w)  # (rows*W, D) float32
     stored = pos[0].detach().float().cpu()
     if not torch.allclose(stored, table[:n], atol=atol, rtol=0.0):
         err = (stored - table[:n]).abs().max().item()
         raise ValueError(
             f"stored positions do not match the 2-D sin-cos table (max abs diff {err:.3g}); refusing to extend"
         )
-    return table[: max_rows * grid_w].unsqueeze(0).to(dtype=pos.dtype, device=pos.device)
+    extra = table[n : max_rows * grid_w].unsqueeze(0).to(dtype=pos.dtype, device=pos.device)
+    return torch.cat([pos.detach(), extra], dim=1)
 
 
 def _find(state: Mapping[str, Any], suffixes: tuple[str, ...]) -> Tensor | None:

@@ -265,6 +265,13 @@ class EATModelConfig(EATEncoderFields):
     ema_decay: float = field(default=0.9998, metadata={"help": "EMA decay at update 0"})
     ema_end_decay: float = field(default=0.99999, metadata={"help": "EMA decay after the anneal"})
     ema_anneal_end_step: int = field(default=100000, metadata={"help": "updates of the linear decay anneal"})
+    teacher_precision: ChoiceEnum(["release", "fp32"]) = field(  # type: ignore[valid-type]
+        default="release",
+        metadata={
+            "help": "dtype of the teacher's forward under common.fp16/bf16 (its weights stay fp32): release: "
+            "the student's half dtype, as the authors' code (faster); fp32: always fp32 (more precise targets)"
+        },
+    )
     # objective
     utterance_loss_weight: float = field(default=1.0, metadata={"help": "lambda of the utterance loss"})
     utterance_reduction: ChoiceEnum(["release", "mean"]) = field(  # type: ignore[valid-type]
