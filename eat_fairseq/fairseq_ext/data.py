@@ -118,7 +118,7 @@ class EATAudioDataset(FairseqDataset):
         self.num_short_skipped = n_short
         self.rows = kept
         self.sizes = np.array([r.num_samples for r in kept], dtype=np.int64)
-        logger.info("%s: %d clips", manifest, len(kept))
+        logger.info("%s: %d clips (crop=%s%s)", manifest, len(kept), crop, ", whole-file reads" if whole_file else "")
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -222,8 +222,13 @@ def _check_shard_row(row: ManifestRow) -> tuple[str | None, int]:
     try:
         with open_clip(row) as clip:
             head = clip.read(0, min(PROBE_FRAMES, clip.frames))
-            tail = clip.read(max(0, clip.frames - TAIL_FRAMES), TAIL_FRAMES) if clip.frames > PROBE_FRAMES else head
             frames = clip.frames
+        tail = head
+        if frames > PROBE_FRAMES:
+            # a fresh handle: libsndfile 1.2 returns no frames when an Ogg file that has already been
+            # read is seeked close to its end
+            with open_clip(row) as clip:
+                tail = clip.read(max(0, frames - TAIL_FRAMES), TAIL_FRAMES)
     except Exception as exc:
         return f"unreadable member {member.name} ({_one_line(exc)}): {row.rel}", 0
     if head.shape[0] == 0 or tail.shape[0] == 0:
