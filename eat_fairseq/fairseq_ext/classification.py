@@ -573,6 +573,7 @@ class EATClassificationCriterion(FairseqCriterion):
             "sample_size": float(sample_size.item()),
             "nsentences": batch,
             "ntokens": batch,
+            "skipped": int(sample.get("skipped", 0)),  # unreadable clips (task.on_bad_file=skip)
         }
         if not model.training:
             with torch.no_grad():
@@ -593,6 +594,9 @@ class EATClassificationCriterion(FairseqCriterion):
         loss = sum(float(log.get("loss", 0.0)) for log in logging_outputs)
         size = sum(float(log.get("sample_size", 0.0)) for log in logging_outputs)
         metrics.log_scalar("loss", loss / max(size, 1e-8), size, round=4)
+        skipped = sum(int(log.get("skipped", 0)) for log in logging_outputs)
+        if skipped:
+            metrics.log_scalar_sum("skipped_files", skipped, round=0)
         n_eval = sum(int(log.get("n_eval", 0)) for log in logging_outputs)
         if n_eval > 0:
             metrics.log_scalar_sum("n_eval", n_eval)
