@@ -10,7 +10,6 @@ import argparse
 import multiprocessing
 import os
 import re
-import shutil
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -23,8 +22,8 @@ from eat_fairseq.core.manifest import FILE, SHARD, SPAN, ManifestError, Manifest
 from eat_fairseq.core.shards import shard_members
 from eat_fairseq.prep.common import (
     PrepError,
+    add_common_args,
     check_outputs,
-    default_workers,
     progress,
     read_lines,
     run_cli,
@@ -298,10 +297,7 @@ def pack_manifests(
         report.outputs.append(write_text_atomic(dest_p / manifest.name, lines()))
         report.splits[manifest.stem] = len(rows)
     for side in copied:
-        tmp = dest_p / f".{side.name}.tmp{os.getpid()}"
-        shutil.copyfile(side, tmp)
-        os.replace(tmp, dest_p / side.name)
-        report.outputs.append(dest_p / side.name)
+        report.outputs.append(write_text_atomic(dest_p / side.name, side.read_text(encoding="utf-8")))
     return report
 
 
@@ -317,10 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", default="2GB", metavar="SIZE",
                         help="target bytes per shard: 2GB, 500MB, 512MiB ... (default: %(default)s)")
     parser.add_argument("--flac", action="store_true", help="store PCM audio as lossless FLAC (about half the size)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
-                        help="processes writing shards in parallel (default: %(default)s)")
+    add_common_args(parser)
     return parser
 
 

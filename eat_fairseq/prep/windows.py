@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,8 +137,7 @@ def split_manifests(
         for path in side[manifest]:
             report.outputs.append(_expand_side_file(path, dest_p / path.name, rows, pieces))
     for path in csvs:
-        shutil.copyfile(path, dest_p / path.name)
-        report.outputs.append(dest_p / path.name)
+        report.outputs.append(write_text_atomic(dest_p / path.name, path.read_text(encoding="utf-8")))
     return report
 
 
