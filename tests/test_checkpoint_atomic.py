@@ -193,8 +193,10 @@ def _kill_trials(tmp_path: Path, delays: List[float]) -> None:
 
 
 def test_kill_during_save_then_resume(tmp_path: Path) -> None:
-    """Three SIGKILLs: after the first save is complete, then at the start of the copy to
-    checkpoint_last.pt and inside it (fairseq's plain copy left a 0-byte file there, then EOFError)."""
+    """Three SIGKILLs: after the first save is complete, then as the copy to checkpoint_last.pt
+    starts and 10 ms into it (fairseq's plain copy left a 0-byte or truncated file there, and the
+    next start failed with EOFError / PytorchStreamReader errors); then a damaged checkpoint_last.pt.
+    The many-kill version is marked slow."""
     _kill_trials(tmp_path, [0.3, 0.0, 0.01])
 
 
