@@ -181,11 +181,16 @@ def _kill_trials(tmp_path: Path, delays: List[float]) -> None:
     fallback_updates = int(newest.stem.split("_")[-1])
     if last.exists():
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    # what a kill inside torch.save leaves (ours and fairseq's naming): removed at the next start
+    stale = [Path(temp_name(str(last))).name, f"{newest.name}.tmp"]
+    for name in stale:
+        (save / name).write_bytes(b"partial")
     proc = subprocess.run(_train_cmd(data, save, max_update=fallback_updates + 2), cwd=tmp_path,
                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from the newest intact checkpoint instead" in out and newest.name in out, out[-4000:]
+    assert "temporary file(s) of an interrupted checkpoint save" in out and all(n in out for n in stale)
     first = int(json_logs(out)[0]["num_updates"])
     assert first == fallback_updates + 1, (first, fallback_updates)
     _assert_all_intact(save)
