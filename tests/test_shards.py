@@ -48,7 +48,7 @@ def corpus(tmp_path: Path) -> Path:
         labels.append(f"{rel.rsplit('.', 1)[0]}\t{'xy'[i % 2]}")
     # g.wav also as two windows (span rows)
     n_g = sf.info(audio / "g.wav").frames
-    rows += [f"g.wav:0:16000\t16000", f"g.wav:16000:{n_g - 16000}\t{n_g - 16000}"]
+    rows += ["g.wav:0:16000\t16000", f"g.wav:16000:{n_g - 16000}\t{n_g - 16000}"]
     labels += ["g@0\tx", "g@16000\ty"]
     (src / "train.tsv").write_text(f"{audio}\n" + "\n".join(rows) + "\n")
     (src / "train.lbl").write_text("\n".join(labels) + "\n")
