@@ -27,7 +27,7 @@ from eat_fairseq.core.objective import ufo_loss
 from eat_fairseq.core.probe import OnlineProbe
 from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
 
-from .data import EATAudioDataset, MaskSpec
+from .data import EATAudioDataset, MaskSpec, is_placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,18 @@ def pretrain_config_from(cfg: Any) -> PretrainConfig:
 
 # --------------------------------------------------------------------------------------------------
 # task
+
+
+CROP_HELP = (
+    "clips longer than target_length: start = their first target_length frames (release); random = a "
+    "window at a random start per epoch, drawn from (seed, epoch, manifest line) so any worker and a "
+    "resumed run draw the same one (training split only; evaluation always uses start)"
+)
+WHOLE_FILE_HELP = (
+    "decode whole files and crop after the fbank, as the release did: the cost then grows with the file "
+    "length. Default: read only the frames used (identical features for clips up to target_length "
+    "frames; for longer ones the DC offset is taken over the window, a float32-rounding difference)"
+)
 
 
 @dataclass
@@ -97,6 +109,12 @@ class EATPretrainingTaskConfig(FairseqDataclass):
                   "(two extra backward passes); 0 disables"},
     )
     max_update: int = II("optimization.max_update")
+    crop: ChoiceEnum(["start", "random"]) = field(  # type: ignore[valid-type]
+        default="start",
+        metadata={"help": CROP_HELP},
+    )
+    read_whole_file: bool = field(default=False, metadata={"help": WHOLE_FILE_HELP})
+    train_subset: str = II("dataset.train_subset")
     clone_batch: int = II("model.clone_batch")
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
@@ -106,7 +124,8 @@ class EATPretrainingTaskConfig(FairseqDataclass):
 
 class EATAudioTask(FairseqTask):
     """What every eat_* task shares: audio in (features from the task's sample_rate, target_length
-    and normalisation fields), no token dictionaries, no length limit."""
+    and normalisation fields), no token dictionaries, no length limit, and the handling of
+    placeholder batches (evaluation batches whose clips were all unreadable with on_bad_file=skip)."""
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(
@@ -115,6 +134,29 @@ class EATAudioTask(FairseqTask):
             norm_mean=self.cfg.norm_mean,
             norm_std=self.cfg.norm_std,
         )
+
+    def clip_options(self, split: str) -> Dict[str, Any]:
+        """Dataset settings that depend on the split: crops and replacement of bad clips only train."""
+        is_train = split == str(self.cfg.train_subset)
+        return {
+            "crop": str(self.cfg.crop) if is_train else "start",
+            "whole_file": bool(self.cfg.read_whole_file),
+            "replace_bad": is_train,
+        }
+
+    def train_step(self, sample: Any, model: Any, criterion: Any, optimizer: Any, update_num: int,
+                   ignore_grad: bool = False, **kwargs: Any):
+        if is_placeholder(sample):
+            # training datasets replace bad clips, so this is a bug, never a step from nothing
+            raise RuntimeError("a placeholder batch (all clips unreadable) reached train_step")
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+
+    def valid_step(self, sample: Any, model: Any, criterion: Any):
+        if is_placeholder(sample):
+            logging_output = {"loss": 0.0, "sample_size": 0, "nsentences": 0, "ntokens": 0,
+                              "skipped": int(sample.get("skipped", 0))}
+            return torch.zeros(()), 0, logging_output
+        return super().valid_step(sample, model, criterion)
 
     @property
     def source_dictionary(self) -> None:
@@ -191,6 +233,7 @@ class EATPretrainingTask(EATAudioTask):
             mask=mask,
             shuffle=True,
             seed=self.cfg.seed,
+            **self.clip_options(split),
         )
 
     def reduce_metrics(self, logging_outputs: List[Dict[str, Any]], criterion: Any) -> None:
