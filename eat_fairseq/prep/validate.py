@@ -13,7 +13,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from eat_fairseq.prep.common import MISSING, add_common_args, probe_files, read_lines
+from eat_fairseq.prep.common import MISSING, TOO_SHORT, add_common_args, probe_files, read_lines
 
 HELP_EPILOG = """\
 checks:
@@ -127,6 +127,8 @@ def validate_manifest(
         for (lineno, rel, n), probe in zip(rows, probes):
             if probe.reason == MISSING:
                 problems.append(Problem(lineno, mpath, f"file not found: {rel}"))
+            elif probe.reason == TOO_SHORT:
+                problems.append(Problem(lineno, mpath, f"too short ({probe.detail}): {rel}"))
             elif not probe.ok:
                 problems.append(Problem(lineno, mpath, f"unreadable ({probe.reason}: {probe.detail}): {rel}"))
             elif n is not None and probe.frames != n:
