@@ -295,31 +295,34 @@ def _save_clip(path: Path, result: Any, granularity: str) -> None:
 
 
 def _write_manifest_outputs(
-    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any]], granularity: str, handle: "EATModelHandle"
+    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any, int]], granularity: str, handle: "EATModelHandle"
 ) -> None:
+    """``rows``: ``(item, result, samples of its waveform)`` per clip that succeeded."""
     import numpy as np
 
     arrays: dict[str, np.ndarray] = {}
     d = handle.embed_dim
     if granularity == "utterance":
-        arrays["utterance"] = np.stack([r for _, r in rows]) if rows else np.zeros((0, d), np.float32)
+        arrays["utterance"] = np.stack([r for _, r, _ in rows]) if rows else np.zeros((0, d), np.float32)
         sizes = [0] * len(rows)
     else:
-        frames = [r if granularity == "frame" else r["frame"] for _, r in rows]
+        frames = [r if granularity == "frame" else r["frame"] for _, r, _ in rows]
         sizes = [f.shape[0] for f in frames]
         arrays["frame"] = np.concatenate(frames) if rows else np.zeros((0, d), np.float32)
         arrays["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         arrays["timestamps"] = (
-            np.concatenate([handle.timestamps(n) for n in sizes]) if rows else np.zeros(0)
+            np.concatenate([handle.timestamps(n, num_samples=s) for n, (_, _, s) in zip(sizes, rows)])
+            if rows
+            else np.zeros(0)
         )
         if granularity == "all":
-            arrays["utterance"] = np.stack([r["utterance"] for _, r in rows]) if rows else np.zeros((0, d), np.float32)
+            arrays["utterance"] = np.stack([r["utterance"] for _, r, _ in rows]) if rows else np.zeros((0, d), np.float32)
             w = handle.num_freq_patches
-            arrays["patches"] = np.concatenate([r["patches"] for _, r in rows]) if rows else np.zeros((0, w, d), np.float32)
+            arrays["patches"] = np.concatenate([r["patches"] for _, r, _ in rows]) if rows else np.zeros((0, w, d), np.float32)
     np.savez(out_dir / f"{stem}.npz", **arrays)
     with open(out_dir / f"{stem}.index.tsv", "w", encoding="utf-8") as handle_out:
         handle_out.write("row\tpath\tmanifest_line\tnum_patches\n")
-        for row, ((item, _), size) in enumerate(zip(rows, sizes)):
+        for row, ((item, _, _), size) in enumerate(zip(rows, sizes)):
             patches = size if granularity != "utterance" else ""
             handle_out.write(f"{row}\t{item.relative}\t{item.line}\t{patches}\n")
 
@@ -374,8 +377,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.force and (out_dir / "errors.tsv").exists():
         (out_dir / "errors.tsv").unlink()  # a stale list from an earlier run would be misleading
 
-    def compute(waves: list[Any]) -> list[Any]:
-        return handle.extract(waves, sample_rate=handle.sample_rate, granularity=args.granularity, layer=args.layer)
+    def compute(waves: list[Any]) -> list[tuple[Any, int]]:
+        """``(embedding, samples of the waveform)`` per clip (the length places the last timestamp)."""
+        results = handle.extract(waves, sample_rate=handle.sample_rate, granularity=args.granularity, layer=args.layer)
+        return [(result, int(wave.shape[-1])) for result, wave in zip(results, waves)]
 
     errors: list[tuple[str, str]] = []
     written = 0
@@ -384,15 +389,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             if error is not None:
                 errors.append((item.path, error))
                 continue
-            _save_clip(per_clip[item.path], result, args.granularity)
+            _save_clip(per_clip[item.path], result[0], args.granularity)
             written += 1
         for manifest, items in manifests.items():
-            rows: list[tuple[AudioItem, Any]] = []
+            rows: list[tuple[AudioItem, Any, int]] = []
             for item, result, error in run_batches(handle, items, compute, args.batch_size, bar):
                 if error is not None:
                     errors.append((item.path, error))
                 else:
-                    rows.append((item, result))
+                    rows.append((item, *result))
             _write_manifest_outputs(out_dir, Path(manifest).stem, rows, args.granularity, handle)
             written += len(rows)
     report_errors(errors, out_dir, total, prog)
