@@ -18,7 +18,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
@@ -49,6 +49,51 @@ def pretrain_config_from(cfg: Any) -> PretrainConfig:
 # --------------------------------------------------------------------------------------------------
 # task
 
+NUM_THREADS_HELP = (
+    "torch CPU threads of the training process; 0 = torch's default ($OMP_NUM_THREADS, else one per core). "
+    "On a machine shared with other jobs, 1 is often many times faster for small models"
+)
+
+
+def check_lr_schedule(task_cfg: Any) -> None:
+    """Stop at start-up, with the reason, on settings that would crash fairseq later.
+
+    fairseq's cosine scheduler (without ``lr_period_updates``) divides by ``max_update -
+    warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
+    ZeroDivisionError at its last update. The full config is reached through the task node's root
+    (fairseq passes ``cfg.task`` of the composed config); a detached task config is not checked.
+    """
+    if not OmegaConf.is_config(task_cfg):
+        return
+    root = task_cfg._get_root()
+    sched, optim = root.get("lr_scheduler"), root.get("optimization")
+    if not OmegaConf.is_config(sched) or not OmegaConf.is_config(optim) or sched.get("_name") != "cosine":
+        return
+    if (sched.get("lr_period_updates") or -1) > 0:
+        return
+    max_update, warmup = int(optim.get("max_update") or 0), int(sched.get("warmup_updates") or 0)
+    if max_update > 0 and max_update == warmup:
+        raise ValueError(
+            f"optimization.max_update ({max_update}) equals lr_scheduler.warmup_updates ({warmup}): fairseq's "
+            "cosine schedule would divide by zero at the last update. Use fewer warm-up updates (the recipes "
+            f"use about 10%, e.g. lr_scheduler.warmup_updates={max(1, max_update // 10)}) or more updates."
+        )
+
+
+def prepare_run(task_cfg: Any, from_checkpoint: bool) -> None:
+    """Start-of-training settings shared by the eat_* tasks: the schedule check and ``num_threads``.
+
+    Skipped when a task is rebuilt from a checkpoint (evaluation, loading), which must not fail on, or
+    change the process because of, how that checkpoint was trained.
+    """
+    if from_checkpoint:
+        return
+    check_lr_schedule(task_cfg)
+    threads = int(getattr(task_cfg, "num_threads", 0) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        logger.info("torch CPU threads: %d (task.num_threads)", threads)
+
 
 @dataclass
 class EATPretrainingTaskConfig(FairseqDataclass):
@@ -69,6 +114,7 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     precompute_mask: bool = field(
         default=True, metadata={"help": "compute the inverse block masks in the data-loader workers"}
     )
+    num_threads: int = field(default=0, metadata={"help": NUM_THREADS_HELP})
     clone_batch: int = II("model.clone_batch")
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
@@ -108,6 +154,7 @@ class EATPretrainingTask(EATAudioTask):
 
     @classmethod
     def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
+        prepare_run(cfg, bool(kwargs.get("from_checkpoint", False)))
         return cls(cfg)
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
