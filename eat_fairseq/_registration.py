@@ -44,6 +44,14 @@ def register() -> None:
         )
 
 
+def import_layer_quietly() -> ModuleType:
+    """Import (and so register) the fairseq layer for our own tools, without the FutureWarning that
+    fairseq's import raises from ``torch.jit.script`` (fairseq's code, nothing a user can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        return importlib.import_module(LAYER)
+
+
 class _RegisteringLoader(importlib.abc.Loader):
     """Runs fairseq's own loader, then :func:`register`."""
 

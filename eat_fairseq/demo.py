@@ -115,6 +115,8 @@ def pretrain(data: Path, out: Path, updates: int) -> List[tuple[int, float]]:
         f"common.user_dir={eat_fairseq.USER_DIR}",
         f"checkpoint.save_dir={out / 'checkpoints'}",
         f"optimization.max_update={updates}",
+        # the recipe's 20 warm-up updates, fewer for short demos (the cosine schedule needs max_update > warm-up)
+        f"lr_scheduler.warmup_updates={min(20, max(1, updates // 10))}",
         "common.log_format=json",
         "common.log_interval=20",
         f"checkpoint.save_interval_updates={updates}",
@@ -149,7 +151,9 @@ def parse_train_inner(line: str) -> Optional[tuple[int, float]]:
 
 
 def extract_embeddings(checkpoint: Path, manifest: Path, cfg: FeatureConfig, n: int = 8) -> str:
-    import eat_fairseq  # noqa: F401  (registers the model before loading)
+    from eat_fairseq._registration import import_layer_quietly
+
+    import_layer_quietly()  # registers the model before loading
     from fairseq import checkpoint_utils
 
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])

@@ -285,6 +285,10 @@ def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
     chosen = panels(run)
     if not chosen:
         raise ValueError(f"{path}: scalars found ({', '.join(run.names())}) but none to plot")
+    import logging
+
+    # fairseq/hydra may have set the root logger to DEBUG: keep matplotlib's font search out of the log
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,9 +21,9 @@ import json
 import logging
 import os
 import sys
-import warnings
 from typing import Any, Optional, Sequence
 
+from eat_fairseq._registration import import_layer_quietly
 from eat_fairseq.cli.common import add_threads_argument, apply_threads, checkpoint_message, device_error, fail
 
 logger = logging.getLogger("eat_fairseq.evaluate")
@@ -43,13 +43,6 @@ def _progress(iterable: Any, total: int, enabled: bool) -> Any:
     return tqdm(iterable, total=total, desc="evaluating", unit="batch", file=sys.stderr)
 
 
-def _import_fairseq_layer() -> None:
-    """Import (and so register) the fairseq layer, without fairseq's own torch.jit deprecation noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        import eat_fairseq.fairseq_ext  # noqa: F401
-
-
 def read_finetuned_state(checkpoint: str) -> dict:
     """The checkpoint's state (restricted loader), checked to be a fine-tuned ``eat_classification`` one.
 
@@ -57,7 +50,7 @@ def read_finetuned_state(checkpoint: str) -> dict:
     """
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
-    _import_fairseq_layer()
+    import_layer_quietly()
     from omegaconf import OmegaConf
 
     from eat_fairseq.core.checkpoint import CheckpointError
