@@ -210,7 +210,8 @@ def test_both_clis_run_with_fairseq_blocked(env: dict[str, Path], tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # nothing but the check above asks for fairseq
-    assert "RESULT 1 0 [] ['fairseq']" in proc.stdout  # extract: 1 because broken.wav failed, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # extract answers 1 because broken.wav failed
+    assert "RESULT 1 0 [] ['fairseq']" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.rglob("*.npy")) == ["a.npy", "b.npy", "c.npy"]
     tagged = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert list(tagged["results"]) == [str(env["audio"] / "a.wav")]
