@@ -245,6 +245,7 @@ def test_extract_refuses_to_overwrite_without_force(env: dict[str, Path], tmp_pa
     rc = extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out), "--granularity", "frame"])
     assert rc == 2 and "refusing to overwrite" in capsys.readouterr().err
     assert (out / "a.npy").read_bytes() == before
+    assert extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out / "a.npy")]) == 2  # a file
     assert extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out), "--granularity", "frame", "--force"]) == 0
     assert np.load(out / "a.npy").ndim == 2
 

@@ -358,6 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(set(stems)) != len(stems):
             raise InputError(f"two manifests share a name ({stems}); their outputs would collide")
         out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"--out {out_dir} exists and is not a folder")
         per_clip, outputs = planned_outputs(out_dir, loose, manifests, args.granularity)
     except InputError as exc:
         return fail(prog, str(exc), 2)
