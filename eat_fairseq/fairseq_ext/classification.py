@@ -52,7 +52,7 @@ from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
 from eat_fairseq.core.sampling import WeightedEpochSampler, balanced_weights, read_weights
 
 from .data import EATAudioDataset, is_placeholder
-from .pretraining import CROP_HELP, WHOLE_FILE_HELP, EATAudioTask, EATEncoderFields
+from .pretraining import CROP_HELP, NUM_THREADS_HELP, WHOLE_FILE_HELP, EATAudioTask, EATEncoderFields, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ class EATClassificationConfig(FairseqDataclass):
     per_class_ap_dir: Optional[str] = field(
         default=None, metadata={"help": "write per_class_ap_{subset}.tsv here after each validation"}
     )
+    num_threads: int = field(default=0, metadata={"help": NUM_THREADS_HELP})
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
 
@@ -263,6 +264,7 @@ class EATClassificationTask(EATAudioTask):
 
     @classmethod
     def setup_task(cls, cfg: EATClassificationConfig, from_checkpoint: bool = False, **kwargs: Any):
+        prepare_run(cfg, from_checkpoint)
         path = cfg.labels if os.path.isabs(cfg.labels) else os.path.join(str(cfg.data), cfg.labels)
         if os.path.isfile(path):
             label_set: Optional[LabelSet] = read_label_descriptors(path)

@@ -19,7 +19,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
@@ -50,6 +50,51 @@ def pretrain_config_from(cfg: Any) -> PretrainConfig:
 
 # --------------------------------------------------------------------------------------------------
 # task
+
+NUM_THREADS_HELP = (
+    "torch CPU threads of the training process; 0 = torch's default ($OMP_NUM_THREADS, else one per core). "
+    "On a machine shared with other jobs, 1 is often many times faster for small models"
+)
+
+
+def check_lr_schedule(task_cfg: Any) -> None:
+    """Stop at start-up, with the reason, on settings that would crash fairseq later.
+
+    fairseq's cosine scheduler (without ``lr_period_updates``) divides by ``max_update -
+    warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
+    ZeroDivisionError at its last update. The full config is reached through the task node's root
+    (fairseq passes ``cfg.task`` of the composed config); a detached task config is not checked.
+    """
+    if not OmegaConf.is_config(task_cfg):
+        return
+    root = task_cfg._get_root()
+    sched, optim = root.get("lr_scheduler"), root.get("optimization")
+    if not OmegaConf.is_config(sched) or not OmegaConf.is_config(optim) or sched.get("_name") != "cosine":
+        return
+    if (sched.get("lr_period_updates") or -1) > 0:
+        return
+    max_update, warmup = int(optim.get("max_update") or 0), int(sched.get("warmup_updates") or 0)
+    if max_update > 0 and max_update == warmup:
+        raise ValueError(
+            f"optimization.max_update ({max_update}) equals lr_scheduler.warmup_updates ({warmup}): fairseq's "
+            "cosine schedule would divide by zero at the last update. Use fewer warm-up updates (the recipes "
+            f"use about 10%, e.g. lr_scheduler.warmup_updates={max(1, max_update // 10)}) or more updates."
+        )
+
+
+def prepare_run(task_cfg: Any, from_checkpoint: bool) -> None:
+    """Start-of-training settings shared by the eat_* tasks: the schedule check and ``num_threads``.
+
+    Skipped when a task is rebuilt from a checkpoint (evaluation, loading), which must not fail on, or
+    change the process because of, how that checkpoint was trained.
+    """
+    if from_checkpoint:
+        return
+    check_lr_schedule(task_cfg)
+    threads = int(getattr(task_cfg, "num_threads", 0) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        logger.info("torch CPU threads: %d (task.num_threads)", threads)
 
 
 CROP_HELP = (
@@ -115,6 +160,7 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     )
     read_whole_file: bool = field(default=False, metadata={"help": WHOLE_FILE_HELP})
     train_subset: str = II("dataset.train_subset")
+    num_threads: int = field(default=0, metadata={"help": NUM_THREADS_HELP})
     clone_batch: int = II("model.clone_batch")
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
@@ -180,19 +226,23 @@ class EATPretrainingTask(EATAudioTask):
         super().__init__(cfg)
         self.probe: Optional[OnlineProbe] = None
         self.last_probe: Dict[str, float] = {}
-        if cfg.probe_data:
-            self.probe = OnlineProbe(
+
+    @classmethod
+    def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
+        from_checkpoint = bool(kwargs.get("from_checkpoint", False))
+        prepare_run(cfg, from_checkpoint)
+        task = cls(cfg)
+        if cfg.probe_data and not from_checkpoint:
+            # only for training: a checkpoint loaded elsewhere must not need the probe's data folder
+            task.probe = OnlineProbe(
                 os.path.abspath(cfg.probe_data),
-                self.feature_config(),
+                task.feature_config(),
                 splits=cfg.probe_splits,
                 layer=cfg.probe_layer,
                 pooling=str(cfg.probe_pooling),
                 max_per_split=cfg.probe_max_per_split or None,
             )
-
-    @classmethod
-    def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
-        return cls(cfg)
+        return task
 
     def run_probe(self, model: torch.nn.Module, num_updates: int) -> Dict[str, float]:
         """Probe the student and the teacher now; log ``probe_*`` and return them (rank 0 only)."""

@@ -23,6 +23,7 @@ from eat_fairseq.prep.common import (
     MISSING,
     PROBE_FRAMES,
     TAIL_FRAMES,
+    TOO_SHORT,
     _one_line,
     add_common_args,
     probe_files,
@@ -187,7 +188,9 @@ def _check_audio(mpath: str, root: str, rows: list[tuple[int, str, int | None]],
         probe = probe_of[os.path.join(root, path)]
         if probe.reason == MISSING:
             problems.append(Problem(lineno, mpath, f"file not found: {rel}"))
-        elif not probe.ok:
+        elif probe.reason == TOO_SHORT and kind == FILE:
+            problems.append(Problem(lineno, mpath, f"too short ({probe.detail}): {rel}"))
+        elif not probe.ok and probe.reason != TOO_SHORT:
             problems.append(Problem(lineno, mpath, f"unreadable ({probe.reason}: {probe.detail}): {rel}"))
         elif kind == SPAN and offset + length > probe.frames:
             problems.append(Problem(lineno, mpath, f"span ends at frame {offset + length} but the file has "
