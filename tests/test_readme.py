@@ -42,10 +42,13 @@ def _families():
 
     from eat_fairseq.fairseq_ext import classification, pretraining
 
+    from fairseq.optim.lr_scheduler.cosine_lr_scheduler import CosineLRScheduleConfig
+
     pre = {"task": pretraining.EATPretrainingTaskConfig, "model": pretraining.EATModelConfig,
-           "criterion": pretraining.EATUFOCriterionConfig}
+           "criterion": pretraining.EATUFOCriterionConfig, "lr_scheduler": CosineLRScheduleConfig}
     ft = {"task": classification.EATClassificationConfig, "model": classification.EATClassifierConfig,
-          "criterion": classification.EATClassificationCriterionConfig, "optimizer": classification.EATAdamConfig}
+          "criterion": classification.EATClassificationCriterionConfig, "optimizer": classification.EATAdamConfig,
+          "lr_scheduler": classification.EATCosineConfig}
     hints = typing.get_type_hints(FairseqConfig)
     typed = {name: hint if dataclasses.is_dataclass(hint) else None for name, hint in hints.items()}
     recipes = {"eat_pretraining": [], "eat_classification": []}

@@ -60,8 +60,8 @@ NUM_THREADS_HELP = (
 def check_lr_schedule(task_cfg: Any) -> None:
     """Stop at start-up, with the reason, on settings that would crash fairseq later.
 
-    fairseq's cosine scheduler (without ``lr_period_updates``) divides by ``max_update -
-    warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
+    fairseq's cosine scheduler (without ``lr_period_updates``; ``eat_cosine`` runs one per layer-decay
+    group) divides by ``max_update - warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
     ZeroDivisionError at its last update. The full config is reached through the task node's root
     (fairseq passes ``cfg.task`` of the composed config); a detached task config is not checked.
     """
@@ -69,7 +69,7 @@ def check_lr_schedule(task_cfg: Any) -> None:
         return
     root = task_cfg._get_root()
     sched, optim = root.get("lr_scheduler"), root.get("optimization")
-    if not OmegaConf.is_config(sched) or not OmegaConf.is_config(optim) or sched.get("_name") != "cosine":
+    if not OmegaConf.is_config(sched) or not OmegaConf.is_config(optim) or sched.get("_name") not in ("cosine", "eat_cosine"):
         return
     if (sched.get("lr_period_updates") or -1) > 0:
         return
