@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm-std", type=float, default=None, help="fbank std (default: the checkpoint's)")
     p.add_argument("--pool-padding", action="store_true",
                    help="pool over every patch of the window, padding included (default: real frames only)")
+    p.add_argument("--natural-length", action="store_true",
+                   help="pad each clip only to the next whole patch (cropped to the target length) instead of "
+                        "to the full window, so short clips are not mostly padding")
     p.add_argument("--max-per-split", type=int, default=None, help="use at most N evenly spaced clips per split")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -168,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         layers = _layers(args.layers, len(enc.blocks))
         rows += probe_encoder(name, enc, data, feat, layers, poolings, pool_padding=args.pool_padding,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, natural_length=args.natural_length)
         logger.info("%s probed in %.1f s", name, time.perf_counter() - t0)
     chance = chance_level(data)
     print(format_table(rows))
@@ -176,9 +179,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           + (f"leave-one-out over {len(data.split_names)} splits" if data.spec.folds else
              f"train {data.split_names[0]} / test {data.split_names[1]}")
           + f"; majority-class accuracy {100 * chance:.1f}%; input {feat.target_length} frames"
+          + (" (each clip padded to a whole patch only)" if args.natural_length else "")
           + (", padding pooled" if args.pool_padding else ", real frames pooled"))
     settings = {"data": os.path.abspath(args.data), "splits": data.split_names, "folds": bool(data.spec.folds),
                 "feature_config": dict(feat.__dict__), "pool_padding": args.pool_padding,
+                "natural_length": args.natural_length,
                 "checkpoints": [os.path.abspath(c) for c in args.checkpoints], "seed": args.seed}
     result = {"settings": settings, "chance": chance, "rows": [r.as_dict() for r in rows]}
     if args.json:

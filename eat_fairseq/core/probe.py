@@ -198,13 +198,6 @@ def load_probe_data(
     )
 
 
-def _batch_inputs(data: ProbeData, feat: FeatureConfig, target_length: int) -> tuple[Tensor, Tensor]:
-    """Normalised, padded/cropped inputs ``(N, target_length, F)`` and real frame counts ``(N,)``."""
-    x = torch.stack([pad_or_crop(fb, target_length) for fb in data.fbank])
-    real = torch.tensor([min(fb.shape[0], target_length) for fb in data.fbank], dtype=torch.long)
-    return normalize(x, feat.norm_mean, feat.norm_std), real
-
-
 # --------------------------------------------------------------------------------------------------
 # features
 
@@ -234,12 +227,16 @@ def encoder_features(
     target_length: Optional[int] = None,
     pool_padding: bool = False,
     batch_size: int = 32,
+    natural_length: bool = False,
 ) -> dict[tuple[int, str], Tensor]:
     """Pooled features of every clip: ``{(layer, pooling): (N, dim)}`` (float32, on the CPU).
 
     ``layers`` are 0-based block indices (negative counts from the end). Inputs are padded/cropped to
     ``target_length`` (default ``feat.target_length``) and normalised with ``feat``'s statistics, as
-    in training. The encoder runs in eval mode; its mode is restored afterwards.
+    in training. With ``natural_length`` a clip is only padded up to the next whole patch (and still
+    cropped to ``target_length``), so a short clip is not described mostly by padding the encoder
+    attends to; clips of equal padded length are batched together. The encoder runs in eval mode;
+    its mode is restored afterwards.
     """
     depth = len(encoder.blocks)
     layers = sorted({l % depth for l in layers})
@@ -247,26 +244,37 @@ def encoder_features(
     ps = encoder.cfg.patch_size
     if length % ps:
         raise ValueError(f"target_length {length} is not a multiple of the patch size {ps}")
-    x, real = _batch_inputs(data, feat, length)
-    real_patches = (real + ps - 1) // ps if not pool_padding else torch.full_like(real, length // ps)
+    real = torch.tensor([min(fb.shape[0], length) for fb in data.fbank], dtype=torch.long)
+    real_patches = (real + ps - 1) // ps
+    padded = real_patches * ps if natural_length else torch.full_like(real, length)
+    if pool_padding:
+        real_patches = padded // ps
     num_freq = encoder.cfg.grid_w
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
     out: dict[tuple[int, str], list[Tensor]] = {(l, p): [] for l in layers for p in poolings}
+    order: list[int] = []
     was_training = encoder.training
     encoder.eval()
     try:
-        for start in range(0, len(x), batch_size):
-            chunk = x[start : start + batch_size].to(device=device, dtype=dtype)
-            rp = real_patches[start : start + batch_size].to(device)
-            hidden = encoder.hidden_states(chunk, num_blocks=layers[-1] + 1)
-            for l in layers:
-                h = hidden[l].float()
-                for p in poolings:
-                    out[(l, p)].append(_pool(h, rp, num_freq, p).cpu())
+        for frames in sorted(set(padded.tolist())):
+            rows = (padded == frames).nonzero().flatten().tolist()
+            for start in range(0, len(rows), batch_size):
+                idx = rows[start : start + batch_size]
+                chunk = torch.stack([pad_or_crop(data.fbank[i], frames) for i in idx])
+                chunk = normalize(chunk, feat.norm_mean, feat.norm_std).to(device=device, dtype=dtype)
+                rp = real_patches[idx].to(device)
+                hidden = encoder.hidden_states(chunk, num_blocks=layers[-1] + 1)
+                for l in layers:
+                    h = hidden[l].float()
+                    for p in poolings:
+                        out[(l, p)].append(_pool(h, rp, num_freq, p).cpu())
+                order.extend(idx)
     finally:
         encoder.train(was_training)
-    return {k: torch.cat(v) for k, v in out.items()}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {k: torch.cat(v)[inverse] for k, v in out.items()}
 
 
 def logmel_features(data: ProbeData, feat: FeatureConfig, target_length: Optional[int] = None) -> dict[str, Tensor]:
@@ -434,9 +442,11 @@ def probe_encoder(
     knn: bool = True,
     logreg: bool = True,
     batch_size: int = 32,
+    natural_length: bool = False,
 ) -> list[ProbeResult]:
     """Probe rows for one encoder: every (layer, pooling) pair."""
-    feats = encoder_features(encoder, data, feat, list(layers), poolings, target_length, pool_padding, batch_size)
+    feats = encoder_features(encoder, data, feat, list(layers), poolings, target_length, pool_padding, batch_size,
+                             natural_length)
     rows = []
     for (layer, pooling), x in sorted(feats.items()):
         rows.append(ProbeResult(name, layer, pooling, x.shape[1], **evaluate_features(x, data, knn, logreg)))
