@@ -28,6 +28,8 @@ setup(
         # The training/fine-tuning layer. The core (features, model, extraction, tagging) runs without it.
         "fairseq": ["ve-fairseq==0.12.3", "hydra-core>=1.3,<1.4", "omegaconf>=2.3,<2.4", "tensorboardX>=2.6"],
         "eval": ["scikit-learn>=1.3"],
+        # eat-plot (training curves) and the last step of `make demo`
+        "plot": ["matplotlib>=3.8"],
         "test": ["pytest>=8", "scikit-learn>=1.3"],
     },
     entry_points={
@@ -40,6 +42,7 @@ setup(
             "eat-tag=eat_fairseq.cli.tag:main",
             "eat-evaluate=eat_fairseq.cli.evaluate:main",
             "eat-probe=eat_fairseq.cli.probe:main",
+            "eat-plot=eat_fairseq.cli.plot:main",
         ]
     },
     classifiers=[

@@ -6,26 +6,34 @@ Layout:
 - ``eat_fairseq.prep``: manifest preparation (library functions; thin CLIs live in ``manifests/``).
 - ``eat_fairseq.fairseq_ext``: thin fairseq shells (tasks, models, criterions, datasets).
 
-Importing this package registers every fairseq task, model and criterion when fairseq is
-installed: ``checkpoint_utils.load_model_ensemble_and_task`` never imports ``common.user_dir``, so
-``import eat_fairseq`` before loading is all a user needs.
+Importing this package does NOT import fairseq (or even torch): the inference tools and their
+``--help`` stay fast. The fairseq components are still registered whenever fairseq is used: at once
+when fairseq is already loaded (``fairseq-hydra-train`` importing this package as
+``common.user_dir``), otherwise as soon as fairseq gets imported, so ``import eat_fairseq`` before
+``checkpoint_utils.load_model_ensemble_and_task`` is all a user needs (see :mod:`._registration`).
+``load_model`` is imported on first use.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
+from typing import Any
+
+from . import _registration
 
 __version__ = "0.1.0"
 
 USER_DIR = os.path.dirname(os.path.abspath(__file__))
 """The value to pass as ``common.user_dir`` to fairseq-hydra-train (the imported package's folder)."""
 
-from .api import load_model  # noqa: E402  (fairseq-free inference API)
+__all__ = ["USER_DIR", "__version__", "load_model"]
 
-if importlib.util.find_spec("fairseq") is not None:
-    try:
-        import fairseq as _fairseq  # noqa: F401
-    except ImportError:  # a blocked or broken fairseq: the core still works
-        _fairseq = None
-    if _fairseq is not None:
-        from . import fairseq_ext  # noqa: F401  (registers tasks, models, criterions)
+_registration.install()
+
+
+def __getattr__(name: str) -> Any:
+    """``eat_fairseq.load_model`` without paying torch's import time on ``import eat_fairseq``."""
+    if name == "load_model":
+        from .api import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

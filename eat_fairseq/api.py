@@ -29,7 +29,11 @@ Feature settings (``target_length``, ``norm_mean``, ``norm_std``, ``sample_rate`
 - a 2-D array/tensor ``(channels, samples)``: ONE multi-channel clip, channels first (a 2-D input is
   never read as a batch; an input with more rows than columns is rejected as probably
   ``(samples, channels)``);
-- a list/tuple of the above: a batch, whose clips may differ in length; the result is then a list.
+- a list/tuple of the above: a batch, whose clips may differ in length; the result is then a list
+  (an empty list gives an empty list).
+
+``soundfile.read`` returns ``(samples, channels)`` for multi-channel files: pass its transpose
+(``data.T``), or the path itself.
 
 Arrays are at ``sample_rate`` (default: the model's rate, 16 kHz); integer arrays are read as PCM
 and scaled to [-1, 1) like soundfile does. Every clip is mixed down to mono
@@ -56,7 +60,9 @@ of all clips in a call are batched together (``batch_size`` windows per forward 
 
 Time patch ``j`` covers the frames ``16 j .. 16 j + 15``, i.e. audio from ``0.16 j`` s to
 ``0.16 j + 0.175`` s (a frame is 25 ms long, one every 10 ms); its timestamp is the centre,
-``0.16 j + 0.0875`` s (:meth:`EATModelHandle.timestamps`).
+``0.16 j + 0.0875`` s (:meth:`EATModelHandle.timestamps`), except for a last patch only partly
+covered by the clip's frames: it is centred on the frames it does cover, so no timestamp lies past
+the end of the audio (a 1 s clip's last patch: 0.9775 s, not 1.0475 s).
 
 **Tagging.** :meth:`EATModelHandle.predict` scores fine-tuned models: sigmoid per class for
 multi-label heads, softmax for single-label ones. Which one is read from the checkpoint:
@@ -385,15 +391,20 @@ class EATModelHandle:
         """Frame embeddings (time patches) a clip of ``num_samples`` samples at the model rate gets."""
         return -(-num_frames(num_samples, self.sample_rate) // self.patch_frames)
 
-    def timestamps(self, num_patches: int) -> np.ndarray:
+    def timestamps(self, num_patches: int, num_samples: int | None = None) -> np.ndarray:
         """Centre (seconds) of each of ``num_patches`` time patches: ``0.16 j + 0.0875``.
 
         Patch ``j`` spans frames ``16 j .. 16 j + 15``; frame ``i`` covers samples
-        ``[160 i, 160 i + 400)``, so the patch covers ``[0.16 j, 0.16 j + 0.175)`` s.
+        ``[160 i, 160 i + 400)``, so the patch covers ``[0.16 j, 0.16 j + 0.175)`` s. With
+        ``num_samples`` (the clip's length at the model rate) a patch is centred on the frames the
+        clip really has, so the last, partly padded patch stays inside the audio.
         """
         window, shift, _ = frame_geometry(self.sample_rate)
-        first = (self.patch_frames - 1) * shift / 2.0 + window / 2.0  # centre of patch 0 in samples
-        return (first + np.arange(num_patches) * self.patch_frames * shift) / self.sample_rate
+        first = np.arange(num_patches) * self.patch_frames  # first frame of each patch
+        last = first + self.patch_frames - 1
+        if num_samples is not None:
+            last = np.minimum(last, max(num_frames(num_samples, self.sample_rate) - 1, 0))
+        return (first * shift + last * shift + window) / 2.0 / self.sample_rate
 
     # -- audio preparation ------------------------------------------------------------------------
 
@@ -539,12 +550,14 @@ class EATModelHandle:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         waves, single = self._prepare_all(audio, sample_rate)
+        if not waves:
+            return []
         items = self.embed_waveforms(waves, layer=layer, patches=granularity == "all")
         results: list[Any] = []
-        for item in items:
+        for wave, item in zip(waves, items):
             arrays = {k: v.cpu().numpy() for k, v in item.items()}
             if granularity == "all":
-                arrays["timestamps"] = self.timestamps(arrays["frame"].shape[0])
+                arrays["timestamps"] = self.timestamps(arrays["frame"].shape[0], num_samples=wave.shape[-1])
                 results.append(arrays)
             else:
                 results.append(arrays[granularity])
@@ -564,6 +577,8 @@ class EATModelHandle:
         if aggregate not in _AGGREGATES:
             raise ValueError(f"aggregate must be one of {_AGGREGATES}, got {aggregate!r}")
         waves, single = self._prepare_all(audio, sample_rate)
+        if not waves:
+            return []
         with torch.no_grad():
             windows, valid = self._windows(self._fbank(waves))
             logits = self._run(windows, None, False, want_logits=True)["logits"]
@@ -582,15 +597,16 @@ class EATModelHandle:
         return results[0] if single else results
 
     def predict(
-        self, audio: Any, sample_rate: int | None = None, top_k: int = 5, aggregate: str = "mean"
+        self, audio: Any, sample_rate: int | None = None, top_k: int | None = 5, aggregate: str = "mean"
     ) -> Any:
         """Top-``k`` ``(label, score)`` pairs, highest score first (a list of such lists for a list input).
 
-        Labels are the checkpoint's label strings (``task_state["labels"]``; class indices as strings
-        when it has none). Raises ``ValueError`` for checkpoints without a head.
+        ``top_k=None`` ranks every class. Labels are the checkpoint's label strings
+        (``task_state["labels"]``; class indices as strings when it has none). Raises ``ValueError``
+        for checkpoints without a head.
         """
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         scores = self.predict_scores(audio, sample_rate, aggregate)
         single = not isinstance(scores, list)
         ranked = []

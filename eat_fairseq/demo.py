@@ -5,9 +5,12 @@
 2. write TSV manifests with the audio-folder preparer;
 3. compute features for every clip and print a summary;
 4. pre-train ``eat_tiny`` with ``fairseq-hydra-train`` and show the loss falling;
-5. load the checkpoint with ``fairseq.checkpoint_utils`` and extract embeddings.
+5. load the checkpoint with ``fairseq.checkpoint_utils`` and extract embeddings;
+6. draw the training curves (``eat-plot``) and list where every output is.
 
-Steps 4-5 need fairseq; ``--features-only`` stops after step 3.
+Steps 4-6 need fairseq (step 6 also matplotlib); ``--features-only`` stops after step 3.
+``--corpus-only DIR`` only writes the generated corpus (one sub-folder per kind of sound, usable as a
+labelled folder by ``manifests/labeled_folder.py``) into a new folder DIR.
 """
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ def synth_clip(kind: int, sr: int, seconds: float, rng: np.random.Generator) -> 
 
 
 def make_corpus(root: Path, num_clips: int = 64, seed: int = 0) -> None:
-    """Write ``num_clips`` clips under ``root/{kind}/`` plus two broken files."""
+    """Write ``num_clips`` clips under ``root/kind{k}/`` plus two broken files under ``root/_broken/``
+    (a leading underscore: labelled-folder preparers do not take it for a class)."""
     rng = np.random.default_rng(seed)
     for i in range(num_clips):
         kind = i % 4
@@ -69,9 +73,10 @@ def make_corpus(root: Path, num_clips: int = 64, seed: int = 0) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         ext = "flac" if i % 5 == 0 else "wav"
         sf.write(folder / f"clip{i:03d}.{ext}", x, sr)
-    (root / "broken").mkdir(exist_ok=True)
-    (root / "broken" / "empty.wav").write_bytes(b"")
-    (root / "broken" / "not_audio.wav").write_text("this is not audio\n")
+    broken = root / "_broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "empty.wav").write_bytes(b"")
+    (broken / "not_audio.wav").write_text("this is not audio\n")
 
 
 def feature_summary(manifest: Path, cfg: FeatureConfig) -> str:
@@ -110,6 +115,8 @@ def pretrain(data: Path, out: Path, updates: int) -> List[tuple[int, float]]:
         f"common.user_dir={eat_fairseq.USER_DIR}",
         f"checkpoint.save_dir={out / 'checkpoints'}",
         f"optimization.max_update={updates}",
+        # the recipe's 20 warm-up updates, fewer for short demos (the cosine schedule needs max_update > warm-up)
+        f"lr_scheduler.warmup_updates={min(20, max(1, updates // 10))}",
         "common.log_format=json",
         "common.log_interval=20",
         f"checkpoint.save_interval_updates={updates}",
@@ -144,7 +151,9 @@ def parse_train_inner(line: str) -> Optional[tuple[int, float]]:
 
 
 def extract_embeddings(checkpoint: Path, manifest: Path, cfg: FeatureConfig, n: int = 8) -> str:
-    import eat_fairseq  # noqa: F401  (registers the model before loading)
+    from eat_fairseq._registration import import_layer_quietly
+
+    import_layer_quietly()  # registers the model before loading
     from fairseq import checkpoint_utils
 
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
@@ -172,37 +181,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clips", type=int, default=64, help="number of generated clips")
     parser.add_argument("--updates", type=int, default=300, help="pre-training updates of eat_tiny")
     parser.add_argument("--features-only", action="store_true", help="stop after the feature summary")
+    parser.add_argument("--corpus-only", metavar="DIR", default=None,
+                        help="only write the generated corpus into DIR (a new folder), then stop")
     args = parser.parse_args(argv)
+    if args.corpus_only:
+        target = Path(args.corpus_only)
+        if target.exists() and any(target.iterdir()):
+            parser.error(f"{target} exists and is not empty; choose a new folder")
+        make_corpus(target, args.clips)
+        kinds = sorted(p.name for p in target.iterdir() if p.is_dir() and not p.name.startswith("_"))
+        print(f"wrote {args.clips} clips in {len(kinds)} classes ({', '.join(kinds)}) plus 2 broken files "
+              f"(_broken/) under {target}")
+        return 0
 
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
     corpus, manifests = out / "corpus", out / "manifests"
-    print(f"[1/5] generating {args.clips} clips (+2 broken files) under {corpus}", flush=True)
+    print(f"[1/6] generating {args.clips} clips (+2 broken files) under {corpus}", flush=True)
     make_corpus(corpus, args.clips)
-    print("[2/5] writing manifests", flush=True)
+    print("[2/6] writing manifests", flush=True)
     report = write_audio_folder_manifest(corpus, manifests, valid_percent=10, seed=0, workers=2)
     print(report.summary(), flush=True)
     for e in report.excluded:
         print(f"  excluded {e.path}: {e.reason}", flush=True)
     cfg = FeatureConfig(target_length=128)
-    print("[3/5] computing features", flush=True)
+    print("[3/6] computing features", flush=True)
     print(feature_summary(manifests / "train.tsv", cfg), flush=True)
     if args.features_only:
         return 0
-    print(f"[4/5] pre-training eat_tiny for {args.updates} updates (CPU)", flush=True)
+    print(f"[4/6] pre-training eat_tiny for {args.updates} updates (CPU)", flush=True)
     curve = pretrain(manifests, out, args.updates)
     if len(curve) >= 2:
         first, last = curve[0][1], curve[-1][1]
         trend = "falling" if last < first else "NOT falling"
         print(f"loss: first {first:.4f} (update {curve[0][0]}) -> last {last:.4f} (update {curve[-1][0]}): {trend}")
     checkpoint = out / "checkpoints" / "checkpoint_last.pt"
-    print(f"[5/5] extracting embeddings with {checkpoint}", flush=True)
+    print(f"[5/6] extracting embeddings with {checkpoint}", flush=True)
     print(extract_embeddings(checkpoint, manifests / "train.tsv", cfg), flush=True)
+    print("[6/6] drawing the training curves", flush=True)
+    curves = draw_curves(out / "checkpoints", out / "curves.png")
+    print(f"""
+outputs in {out}:
+  corpus/                  generated audio (+ 2 broken files, excluded from the manifests)
+  manifests/               train.tsv, valid.tsv, excluded.tsv
+  checkpoints/             checkpoint_last.pt (load with fairseq.checkpoint_utils or eat_fairseq.load_model)
+  checkpoints/tb/          TensorBoard logs: tensorboard --logdir {out / 'checkpoints' / 'tb'}
+  train.log                the training log
+  curves.png               {curves}
+""", flush=True)
     if any(math.isnan(v) for _, v in curve):
         print("the loss became NaN", file=sys.stderr)
         return 1
     return 0
+
+
+def draw_curves(run_dir: Path, png: Path) -> str:
+    """Training curves of the demo run (the library behind ``eat-plot``); a note when it cannot draw."""
+    from eat_fairseq.plot import plot_run
+
+    try:
+        summary = plot_run(str(run_dir), str(png), title="make demo: eat_tiny pre-training")
+    except ImportError:
+        return "not drawn: matplotlib is not installed (pip install 'eat_fairseq[plot]')"
+    return f"training curves ({', '.join(summary['panels'])}); eat-plot {run_dir} draws them again"
 
 
 if __name__ == "__main__":

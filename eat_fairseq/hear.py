@@ -5,14 +5,17 @@
     scene = hear.get_scene_embeddings(audio, model)           # (n_sounds, D)
     frames, ts = hear.get_timestamp_embeddings(audio, model)  # (n_sounds, n_timestamps, D), ms
 
-``audio`` is a float tensor ``(n_sounds, n_samples)`` of mono 16 kHz audio in [-1, 1].
+``audio`` is a float tensor (or numpy array) ``(n_sounds, n_samples)`` of mono 16 kHz audio in
+[-1, 1]. Sounds with NaN or infinite samples, and sounds shorter than one 25 ms fbank frame (400
+samples), are refused with a ``ValueError`` instead of returning NaN or padding-only embeddings.
 
 - Scene embedding: the encoder's CLS output (for sounds longer than one window, the mean of the
   per-window CLS outputs weighted by their real frames; see :mod:`eat_fairseq.api`).
 - Timestamp embeddings: one per 160 ms time patch, the mean over its 8 frequency patches; the
   timestamp is the patch centre, ``160 j + 87.5`` ms (patch ``j`` spans ``[160 j, 160 j + 175)`` ms
   because a fbank frame is 25 ms long). So ``n_timestamps = ceil(n_frames / 16)`` with
-  ``n_frames = 1 + (n_samples - 400) // 160``.
+  ``n_frames = 1 + (n_samples - 400) // 160``. The last patch, when the sound ends inside it, is
+  centred on the frames the sound has, so every timestamp lies within the sound (1 s: 977.5 ms last).
 
 Both come from the last block by default; set ``model.layer`` to use another block (0-based).
 Runs on :mod:`eat_fairseq.core` only (no fairseq needed). ``model.to("cuda")`` moves the encoder;
@@ -21,13 +24,15 @@ embeddings are computed on the model's device and returned on the audio's device
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .api import EATModelHandle
 from .api import load_model as _load_handle
+from .core.features import frame_geometry
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings", "CHECKPOINT_ENV"]
 
@@ -70,40 +75,65 @@ def load_model(model_file_path: str = "", device: Optional[str] = None, layer: O
     return HearModel(_load_handle(path, device=device), layer=layer)
 
 
-def _check_audio(audio: Tensor, model: HearModel) -> list[Tensor]:
+def _check_audio(audio: Any, model: HearModel) -> Tensor:
+    """``audio`` as a float tensor ``(n_sounds, n_samples)``, or a ``ValueError`` saying what is wrong."""
     if not isinstance(model, HearModel):
         raise TypeError(f"model must come from eat_fairseq.hear.load_model, got {type(model).__name__}")
+    if not isinstance(audio, Tensor):
+        audio = torch.as_tensor(np.asarray(audio))
     if audio.dim() != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), got shape {tuple(audio.shape)}")
-    waves = audio.detach().float()
-    return list(waves.unbind(0))
+    if not audio.is_floating_point():
+        raise ValueError(f"audio must be float samples in [-1, 1], got dtype {audio.dtype}")
+    if audio.shape[0] == 0:
+        return audio.detach().float()
+    shortest = _min_samples(model)
+    if audio.shape[1] < shortest:
+        raise ValueError(
+            f"audio has {audio.shape[1]} samples per sound; at least {shortest} (one 25 ms fbank frame at "
+            f"{model.sample_rate} Hz) are needed"
+        )
+    bad = (~torch.isfinite(audio)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"audio contains NaN or infinite samples (sounds {bad[:10]})")
+    return audio.detach().float()
+
+
+def _min_samples(model: HearModel) -> int:
+    """Samples of one fbank frame (400 at 16 kHz): a shorter sound has no features at all."""
+    window, _, _ = frame_geometry(model.sample_rate)
+    return window
 
 
 def _embed(audio: Tensor, model: HearModel) -> list[dict[str, Tensor]]:
-    waves = _check_audio(audio, model)
-    if not waves:
+    if audio.shape[0] == 0:
         return []
-    return model.handle.embed_waveforms(waves, layer=model.layer)
+    return model.handle.embed_waveforms(list(audio.unbind(0)), layer=model.layer)
 
 
-def get_scene_embeddings(audio: Tensor, model: HearModel) -> Tensor:
+def get_scene_embeddings(audio: Any, model: HearModel) -> Tensor:
     """``audio (n_sounds, n_samples)`` at 16 kHz -> ``(n_sounds, scene_embedding_size)``."""
+    audio = _check_audio(audio, model)
     items = _embed(audio, model)
     if not items:
         return torch.zeros(0, model.scene_embedding_size, device=audio.device)
     return torch.stack([item["utterance"] for item in items]).to(audio.device)
 
 
-def get_timestamp_embeddings(audio: Tensor, model: HearModel) -> tuple[Tensor, Tensor]:
+def get_timestamp_embeddings(audio: Any, model: HearModel) -> tuple[Tensor, Tensor]:
     """``audio (n_sounds, n_samples)`` at 16 kHz -> ``(embeddings (n_sounds, n_timestamps, D),
-    timestamps (n_sounds, n_timestamps) in milliseconds)``: one per 160 ms time patch, at its centre."""
+    timestamps (n_sounds, n_timestamps) in milliseconds)``: one per 160 ms time patch, at its centre
+    (the last one within the sound, see the module docstring)."""
+    audio = _check_audio(audio, model)
     items = _embed(audio, model)
+    n_samples = int(audio.shape[-1])
     if not items:
-        n = model.handle.num_patches(int(audio.shape[-1])) if audio.dim() == 2 else 0
+        n = model.handle.num_patches(n_samples) if n_samples >= _min_samples(model) else 0
         return (
             torch.zeros(0, n, model.timestamp_embedding_size, device=audio.device),
             torch.zeros(0, n, device=audio.device),
         )
     frames = torch.stack([item["frame"] for item in items]).to(audio.device)
-    ms = torch.as_tensor(model.handle.timestamps(frames.shape[1]) * 1000.0, dtype=torch.float32)
+    seconds = model.handle.timestamps(frames.shape[1], num_samples=n_samples)
+    ms = torch.as_tensor(seconds * 1000.0, dtype=torch.float32)
     return frames, ms.to(audio.device).unsqueeze(0).expand(frames.shape[0], -1).contiguous()

@@ -84,3 +84,32 @@ def json_logs(output: str, kind: str = "train_inner") -> List[dict]:
                 except ValueError:
                     pass
     return out
+
+
+def compose_recipe(config_dir: Path, config_name: str, overrides: Sequence[str] = ()):
+    """The config fairseq-hydra-train builds from a recipe and command-line overrides, without training.
+
+    Same steps as ``fairseq_cli.hydra_train``: the FairseqConfig schema stored under the config name,
+    hydra composition (version_base 1.1, as fairseq's ``@hydra.main`` without one), fairseq's
+    ``add_defaults`` (our registered dataclasses, which check names and types), then the resolved,
+    struct-locked copy that training sees. Raises what fairseq-hydra-train would report.
+    """
+    import warnings
+
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import eat_fairseq.fairseq_ext  # noqa: F401  (registers the eat_* dataclasses)
+
+    hydra_init(config_name)
+    GlobalHydra.instance().clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.1"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+    add_defaults(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    OmegaConf.set_struct(cfg, True)
+    return cfg

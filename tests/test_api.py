@@ -162,7 +162,11 @@ def test_extract_shapes_for_each_granularity(pre: EATModelHandle) -> None:
     assert allg["patches"].shape == (h, 8, 64)
     np.testing.assert_allclose(allg["frame"], allg["patches"].mean(axis=1), atol=1e-6)
     np.testing.assert_allclose(allg["utterance"], utt, atol=1e-6)
-    np.testing.assert_allclose(allg["timestamps"], 0.16 * np.arange(h) + 0.0875)
+    # patch centres; the last patch (frames 96-97 of 98) is centred on the frames the clip has
+    expected = 0.16 * np.arange(h) + 0.0875
+    expected[-1] = (96 * 160 + 97 * 160 + 400) / 2 / 16000
+    np.testing.assert_allclose(allg["timestamps"], expected)
+    assert allg["timestamps"][-1] < 1.0
     assert pre.num_patches(16000) == h
     with pytest.raises(ValueError, match="granularity"):
         pre.extract(x, granularity="frames")
@@ -372,3 +376,15 @@ def test_real_fairseq_finetuned_checkpoint(tmp_path: Path) -> None:
     assert scores.sum() == pytest.approx(1.0, abs=1e-5)
     top = handle.predict(str(audio / "valid0.wav"), top_k=2)
     assert {label for label, _ in top} == {"/m/low", "/m/high"}
+
+
+def test_empty_batches_and_top_k_none(single: EATModelHandle) -> None:
+    assert single.extract([]) == [] and single.extract([], granularity="all") == []
+    assert single.predict([]) == [] and single.predict_scores([]) == []
+    ranked = single.predict(tone(0.5), top_k=None)
+    assert [label for label, _ in ranked] and sorted(label for label, _ in ranked) == sorted(single.labels)
+    scores = [score for _, score in ranked]
+    assert scores == sorted(scores, reverse=True)
+    for bad in (0, -1, 2.5, "3"):
+        with pytest.raises(ValueError, match="top_k"):
+            single.predict(tone(0.5), top_k=bad)

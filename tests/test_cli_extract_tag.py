@@ -45,7 +45,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_extract_folder_mirrors_paths_and_skips_bad_files(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "emb"
     rc = extract_main(["--checkpoint", str(env["pre"]), str(env["audio"]), "--out", str(out), "--granularity", "frame"])
-    assert rc == 0
+    assert rc == 1  # the others are written, but a failure is not a success
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
     assert files == ["a.npy", "sub/b.npy", "sub/c.npy"]
     handle = load_model(env["pre"])
@@ -64,7 +64,7 @@ def test_extract_single_files_utterance_and_all(env: dict[str, Path], tmp_path: 
     a, b = env["audio"] / "a.wav", env["audio"] / "sub" / "b.flac"
     assert extract_main(["--checkpoint", str(env["pre"]), str(a), str(b), "--out", str(out), "--batch-size", "1"]) == 0
     assert np.load(out / "a.npy").shape == (64,)
-    assert np.load(out / "b.npy").shape == (64,)
+    assert np.load(out / "sub" / "b.npy").shape == (64,)  # named below the folder holding both inputs
     assert not (out / "errors.tsv").exists()
     assert extract_main(["--checkpoint", str(env["pre"]), str(b), "--out", str(out), "--granularity", "all", "--layer", "0"]) == 0
     with np.load(out / "b.npz") as data:
@@ -77,7 +77,7 @@ def test_extract_single_files_utterance_and_all(env: dict[str, Path], tmp_path: 
 def test_extract_manifest_writes_npz_and_index(env: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "emb"
     rc = extract_main(["--checkpoint", str(env["pre"]), str(env["manifest"]), "--out", str(out), "--granularity", "frame", "--batch-size", "3"])
-    assert rc == 0
+    assert rc == 1  # broken.wav
     index = [line.split("\t") for line in (out / "train.index.tsv").read_text().splitlines()]
     assert index[0] == ["row", "path", "manifest_line", "num_patches"]
     assert [row[1] for row in index[1:]] == ["a.wav", "sub/b.flac", "sub/c.wav"]
@@ -91,7 +91,7 @@ def test_extract_manifest_writes_npz_and_index(env: dict[str, Path], tmp_path: P
             assert int(row[3]) == ref.shape[0] == offsets[i + 1] - offsets[i]
             np.testing.assert_allclose(data["frame"][offsets[i] : offsets[i + 1]], ref, atol=1e-5)
     assert "broken.wav" in (out / "errors.tsv").read_text()
-    assert extract_main(["--checkpoint", str(env["pre"]), str(env["manifest"]), "--out", str(out)]) == 0
+    assert extract_main(["--checkpoint", str(env["pre"]), str(env["manifest"]), "--out", str(out), "--force"]) == 1
     with np.load(out / "train.npz") as data:
         assert data["utterance"].shape == (3, 64)
 
@@ -101,11 +101,10 @@ def test_extract_exit_codes(env: dict[str, Path], tmp_path: Path) -> None:
     broken = env["audio"] / "broken.wav"
     assert extract_main(["--checkpoint", str(env["pre"]), str(broken), str(tmp_path / "missing.wav"), "--out", str(out)]) == 1
     assert len((out / "errors.tsv").read_text().splitlines()) == 3
-    assert extract_main(["--checkpoint", str(tmp_path / "nope.pt"), str(env["audio"]), "--out", str(out)]) == 1
+    assert extract_main(["--checkpoint", str(tmp_path / "nope.pt"), str(env["audio"]), "--out", str(tmp_path / "o2")]) == 1
     a = str(env["audio"] / "a.wav")
-    assert extract_main(["--checkpoint", str(env["pre"]), a, a, "--out", str(out)]) == 0  # same output name twice
-    collision = (out / "errors.tsv").read_text().splitlines()
-    assert len(collision) == 2 and "would overwrite" in collision[1]
+    assert extract_main(["--checkpoint", str(env["pre"]), a, a, "--out", str(tmp_path / "o3")]) == 0  # embedded once
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["a.npy"]
     with pytest.raises(SystemExit) as exc:
         extract_main(["--checkpoint", str(env["pre"]), str(env["audio"])])  # no --out
     assert exc.value.code == 2
@@ -119,7 +118,7 @@ def test_tag_text_and_json(env: dict[str, Path], capsys: pytest.CaptureFixture[s
     scores = [float(line.split()[0]) for line in lines[1:]]
     assert scores == sorted(scores, reverse=True)
 
-    assert tag_main(["--checkpoint", str(env["cls"]), str(env["audio"]), "--json", "--top-k", "2"]) == 0
+    assert tag_main(["--checkpoint", str(env["cls"]), str(env["audio"]), "--json", "--top-k", "2"]) == 1  # broken.wav
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {"results", "errors"}
     assert len(data["results"]) == 3 and list(data["errors"]) == [str(env["audio"] / "broken.wav")]
@@ -210,8 +209,115 @@ def test_both_clis_run_with_fairseq_blocked(env: dict[str, Path], tmp_path: Path
         [sys.executable, "-c", script], cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # only the guarded probe in eat_fairseq/__init__.py (and the check above) ever asks for fairseq
-    assert "RESULT 0 0 [] ['fairseq']" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # nothing but the check above asks for fairseq
+    # extract answers 1 because broken.wav failed
+    assert "RESULT 1 0 [] ['fairseq']" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.rglob("*.npy")) == ["a.npy", "b.npy", "c.npy"]
     tagged = json.loads(proc.stdout[proc.stdout.index("{") : proc.stdout.rindex("}") + 1])
     assert list(tagged["results"]) == [str(env["audio"] / "a.wav")]
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs that used to trap users: collisions, re-runs, manifests without a root, FIFOs, bad options
+
+
+def test_extract_keeps_input_folders_apart_and_extensions_when_stems_collide(env: dict[str, Path], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for sub in ("x", "y"):
+        (data / sub).mkdir(parents=True)
+        sf.write(data / sub / "clip.wav", tone(0.5, seed=4), 16000)
+    sf.write(data / "x" / "clip.flac", tone(0.5, seed=5), 16000)
+    out = tmp_path / "emb"
+    rc = extract_main(["--checkpoint", str(env["pre"]), str(data / "x"), str(data / "y"), "--out", str(out)])
+    assert rc == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy")) == [
+        "x/clip.flac.npy", "x/clip.wav.npy", "y/clip.npy"]
+    handle = load_model(env["pre"])
+    np.testing.assert_allclose(np.load(out / "x" / "clip.flac.npy"), handle.extract(str(data / "x" / "clip.flac")), atol=1e-5)
+
+
+def test_extract_refuses_to_overwrite_without_force(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = str(env["audio"] / "a.wav")
+    out = tmp_path / "emb"
+    assert extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out)]) == 0
+    before = (out / "a.npy").read_bytes()
+    capsys.readouterr()
+    rc = extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out), "--granularity", "frame"])
+    assert rc == 2 and "refusing to overwrite" in capsys.readouterr().err
+    assert (out / "a.npy").read_bytes() == before
+    assert extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out / "a.npy")]) == 2  # a file
+    assert extract_main(["--checkpoint", str(env["pre"]), a, "--out", str(out), "--granularity", "frame", "--force"]) == 0
+    assert np.load(out / "a.npy").ndim == 2
+
+
+def test_extract_checks_manifests_as_training_does(env: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    no_root = tmp_path / "no_root.tsv"
+    no_root.write_text("a.wav\t16000\nsub/c.wav\t4800\n")  # the root line is missing
+    assert extract_main(["--checkpoint", str(env["pre"]), str(no_root), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no_root.tsv" in err and ":1: first line must be the audio root folder" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fifo_named_wav_does_not_hang_extract_or_tag(env: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    sf.write(folder / "good.wav", tone(0.5, seed=6), 16000)
+    os.mkfifo(folder / "pipe.wav")
+    script = textwrap.dedent(
+        f"""
+        from eat_fairseq.cli.extract import main as extract_main
+        from eat_fairseq.cli.tag import main as tag_main
+        rc1 = extract_main(["--checkpoint", {str(env["pre"])!r}, {str(folder)!r}, "--out", {str(tmp_path / "emb")!r}])
+        rc2 = tag_main(["--checkpoint", {str(env["cls"])!r}, {str(folder / "pipe.wav")!r}, {str(folder / "good.wav")!r}])
+        print("RESULT", rc1, rc2)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert "RESULT 1 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.stderr.count("pipe.wav: not a regular file") == 2, proc.stderr
+    assert (tmp_path / "emb" / "good.npy").exists()
+
+
+@pytest.mark.parametrize("main", [extract_main, tag_main], ids=["extract", "tag"])
+def test_bad_device_threads_and_batch_size_are_usage_errors(main, env: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--checkpoint", str(env["pre"]), str(env["audio"] / "a.wav")]
+    base += ["--out", str(tmp_path / "o")] if main is extract_main else []
+    for extra, message in ((["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+                           (["--threads", "0"], "--threads must be >= 1"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_threads(env: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert extract_main(["--checkpoint", str(env["pre"]), str(env["audio"] / "a.wav"), "--out", str(tmp_path / "o"),
+                             "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert tag_main(["--checkpoint", str(env["cls"]), str(env["audio"] / "a.wav"), "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_refusal_names_the_cli_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {}, "x": Payload()}, bad)
+    sf.write(tmp_path / "a.wav", tone(0.5), 16000)
+    assert extract_main(["--checkpoint", str(bad), str(tmp_path / "a.wav"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "--trust-checkpoint" in err and "trusted=True" not in err

@@ -243,6 +243,49 @@ def test_end_to_end_finetune_and_evaluate(tmp_path):
     assert result["accuracy"] == pytest.approx(float(last["valid_accuracy"]), abs=1e-3)
     lines = eval_out.read_text().splitlines()
     assert len(lines) == 4 and lines[2].split("\t")[2] == "Mid, tone"
+    _check_evaluate_user_errors(save / "checkpoint_last.pt", pretrain / "checkpoint_last.pt", data, tmp_path)
+
+
+def _check_evaluate_user_errors(ckpt: Path, pretrained: Path, data: Path, tmp_path: Path) -> None:
+    """eat-evaluate answers user mistakes with one line and the documented exit status, no traceback."""
+    import contextlib
+    import io
+
+    from eat_fairseq.cli.evaluate import main as evaluate_main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = evaluate_main([*args, "--no-progress", "--out", str(tmp_path / "ap_errors.tsv")])
+            except SystemExit as exc:  # argparse usage errors
+                rc = int(exc.code)
+        return rc, out.getvalue(), err.getvalue()
+
+    # the default split is the one the checkpoint was validated on ("valid" here; there is no eval.tsv)
+    rc, out, err = call("--checkpoint", str(ckpt), "--data", str(data))
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["split"] == "valid"
+    rc, _, err = call("--checkpoint", str(ckpt), "--data", str(data), "--split", "eval")
+    assert rc == 2 and "no split 'eval'" in err and "splits there: train, valid" in err, err
+    rc, _, err = call("--checkpoint", str(tmp_path / "missing.pt"), "--data", str(data))
+    assert rc == 2 and "checkpoint not found" in err, err
+    rc, _, err = call("--checkpoint", str(pretrained), "--data", str(data))
+    assert rc == 2 and "task is 'eat_pretraining'" in err, err
+    rc, _, err = call("--checkpoint", str(ckpt), "--data", str(tmp_path / "nowhere"))
+    assert rc == 2 and "is not a folder" in err, err
+    for bad in (["--batch-size", "0"], ["--device", "tpu"], ["--threads", "0"]):
+        rc, _, err = call("--checkpoint", str(ckpt), "--data", str(data), *bad)
+        assert rc == 2 and "error:" in err and "Traceback" not in err, (bad, err)
+    broken = tmp_path / "broken_labels"
+    shutil.copytree(data, broken)
+    lbl = (broken / "valid.lbl").read_text().splitlines()
+    (broken / "valid.lbl").write_text("\n".join([lbl[0].split("\t")[0] + "\t/m/unknown", *lbl[1:]]) + "\n")
+    rc, _, err = call("--checkpoint", str(ckpt), "--data", str(broken))
+    assert rc == 2 and "valid.lbl:1" in err and "/m/unknown" in err and len(err.strip().splitlines()) == 1, err
+    (broken / "valid.lbl").write_text("\n".join(lbl[:-1]) + "\n")  # one label line short
+    rc, _, err = call("--checkpoint", str(ckpt), "--data", str(broken))
+    assert rc == 2 and "label lines but" in err, err
 
 
 def _free_port() -> int:

@@ -54,8 +54,12 @@ def test_timestamp_embeddings(model: hear.HearModel, ckpt: Path) -> None:
     assert emb.shape == (2, h, model.timestamp_embedding_size)
     assert ts.shape == (2, h)
     assert torch.all(ts[:, 1:] > ts[:, :-1])
-    # milliseconds: centres of 160 ms time patches (each spans 175 ms of audio)
-    np.testing.assert_allclose(ts[0].numpy(), 87.5 + 160.0 * np.arange(h), atol=1e-3)
+    # milliseconds: centres of 160 ms time patches (each spans 175 ms of audio); the last patch holds
+    # only frames 96-97 of the 98 and is centred on them, inside the 1000 ms sound
+    expected = 87.5 + 160.0 * np.arange(h)
+    expected[-1] = (96 * 160 + 97 * 160 + 400) / 2 / 16.0
+    np.testing.assert_allclose(ts[0].numpy(), expected, atol=1e-3)
+    assert float(ts.max()) < 1000.0
     assert torch.equal(ts[0], ts[1])
     handle = load_handle(ckpt)
     np.testing.assert_allclose(emb[1].numpy(), handle.extract(audio[1].numpy(), granularity="frame"), atol=1e-5)
@@ -94,3 +98,25 @@ def test_checkpoint_path_from_the_environment(ckpt: Path, monkeypatch: pytest.Mo
 def test_bad_audio_shape(model: hear.HearModel) -> None:
     with pytest.raises(ValueError, match="n_sounds, n_samples"):
         hear.get_scene_embeddings(torch.zeros(16000), model)
+
+
+def test_numpy_input_and_bad_audio(model: hear.HearModel) -> None:
+    audio = batch(2, 0.6)
+    np.testing.assert_allclose(
+        hear.get_scene_embeddings(audio.numpy(), model).numpy(), hear.get_scene_embeddings(audio, model).numpy(), atol=1e-6
+    )
+    emb, ts = hear.get_timestamp_embeddings(audio.numpy(), model)
+    assert emb.shape[:2] == ts.shape and float(ts.max()) < 600.0
+    nan = audio.clone()
+    nan[1, 100] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite samples \(sounds \[1\]\)"):
+        hear.get_scene_embeddings(nan, model)
+    for length in (0, 399):
+        with pytest.raises(ValueError, match="at least 400"):
+            hear.get_scene_embeddings(torch.zeros(2, length), model)
+        with pytest.raises(ValueError, match="at least 400"):
+            hear.get_timestamp_embeddings(torch.zeros(2, length), model)
+    with pytest.raises(ValueError, match="float samples"):
+        hear.get_scene_embeddings(torch.zeros(2, 16000, dtype=torch.int16), model)
+    assert hear.get_scene_embeddings(torch.zeros(0, 16000), model).shape == (0, 64)
+    assert hear.get_scene_embeddings(torch.zeros(1, 400), model).shape == (1, 64)

@@ -130,7 +130,8 @@ def test_esc50_folds(tmp_path: Path) -> None:
             name = f"{fold}-{100 + target}-A-{target}.wav"
             rows.append(f"{name},{fold},{target},{cats[target]},False,{100 + target},A")
             if name != "2-101-A-1.wav":          # one clip of the metadata is missing on disk
-                _wav(base / "audio" / name, 500 + 10 * fold + target, sr=44100)
+                # at least one 25 ms fbank frame (1,103 samples at 44.1 kHz), else excluded as too-short
+                _wav(base / "audio" / name, 1200 + 10 * fold + target, sr=44100)
     (base / "meta" / "esc50.csv").write_text(
         "filename,fold,target,category,esc10,src_file,take\n" + "\n".join(rows) + "\n")
 
@@ -187,8 +188,8 @@ def class_root(tmp_path: Path) -> Path:
     root = tmp_path / "classes"
     for cls in ("cat", "dog"):
         for i in range(6):
-            _wav(root / cls / f"{cls}{i}.wav", 300 + i)
-    _wav(root / "dog" / "nested" / "deep.flac", 333, fmt="FLAC")
+            _wav(root / cls / f"{cls}{i}.wav", 400 + i)  # >= 400 samples: one fbank frame at 16 kHz
+    _wav(root / "dog" / "nested" / "deep.flac", 433, fmt="FLAC")
     (root / "cat" / "bad.wav").write_text("nope")
     _wav(root / "stray.wav", 100)
     return root

@@ -108,3 +108,66 @@ def test_spc2_bce_targets_are_not_smoothed_as_the_release() -> None:
     loss, size = finetune_loss(cfg.criterion.loss, logits, mixed, cfg.criterion.get("label_smoothing", 0.1))
     expected = F.binary_cross_entropy_with_logits(logits, mixed, reduction="sum")
     assert size.item() == 4 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# every recipe: its own save folder, TensorBoard logs inside it, start-up checks
+
+RECIPES = sorted((REPO / "examples").glob("*/*.yaml"))
+FAMILY_PREFIX = {"pretraining": "", "finetuning": "finetune_", "fsdd": "fsdd_"}
+
+
+def test_every_recipe_saves_to_its_own_folder_and_logs_tensorboard_there() -> None:
+    from helpers import compose_recipe
+
+    assert len(RECIPES) >= 11  # 3 pre-training, 6 fine-tuning, 2 FSDD
+    seen = {}
+    for path in RECIPES:
+        family, name = path.parent.name, path.stem
+        cfg = compose_recipe(path.parent, name, ["task.data=/tmp/data"])
+        save_dir = cfg.checkpoint.save_dir
+        # the convention the README documents: checkpoints/<name>, checkpoints/finetune_<name>, ...
+        assert save_dir == f"checkpoints/{FAMILY_PREFIX[family]}{name}", (path, save_dir)
+        assert save_dir not in seen, f"{path} and {seen.get(save_dir)} share {save_dir}"
+        seen[save_dir] = path
+        assert cfg.common.tensorboard_logdir == f"{save_dir}/tb", path
+        if cfg.task._name == "eat_classification":
+            assert cfg.task.per_class_ap_dir == save_dir, path
+        # written as an interpolation, so overriding checkpoint.save_dir moves the logs along
+        raw = OmegaConf.load(path)
+        assert OmegaConf.to_container(raw.common)["tensorboard_logdir"] == "${checkpoint.save_dir}/tb", path
+
+
+def test_cosine_schedule_with_max_update_equal_to_warmup_fails_at_start() -> None:
+    from fairseq import tasks
+
+    from helpers import compose_recipe
+
+    cfg = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=20"])
+    assert cfg.lr_scheduler.warmup_updates == 20
+    with pytest.raises(ValueError, match=r"max_update \(20\) equals lr_scheduler.warmup_updates \(20\)"):
+        tasks.setup_task(cfg.task)
+    tasks.setup_task(cfg.task, from_checkpoint=True)  # loading a finished run's checkpoint is not refused
+    ok = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=21"])
+    tasks.setup_task(ok.task)
+    ft = compose_recipe(FT, "tiny", ["task.data=/tmp/data", "optimization.max_update=2"])
+    with pytest.raises(ValueError, match="warm-up"):
+        tasks.setup_task(ft.task, from_checkpoint=False)
+
+
+def test_task_num_threads_sets_torch_threads() -> None:
+    import torch
+    from fairseq import tasks
+
+    from helpers import compose_recipe
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tasks.setup_task(compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data"]).task)
+        assert torch.get_num_threads() == 1  # the tiny recipes use one thread
+        torch.set_num_threads(2)
+        tasks.setup_task(compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "task.num_threads=0"]).task)
+        assert torch.get_num_threads() == 2  # 0 leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)

@@ -1,24 +1,31 @@
 """``eat-extract``: EAT embeddings of audio files, folders or manifests, one array per clip.
 
     eat-extract --checkpoint CKPT INPUT... --out DIR [--granularity utterance|frame|all]
-                [--layer N] [--batch-size B] [--device cpu|cuda] [--trust-checkpoint] [--use-teacher]
+                [--layer N] [--batch-size B] [--device cpu|cuda] [--threads N] [--force]
+                [--trust-checkpoint] [--use-teacher]
 
-INPUT is an audio file, a folder (searched recursively for audio files) or a TSV manifest
-(first line the root folder, then ``relative/path<TAB>...`` rows, as written by ``eat-manifest``).
+INPUT is an audio file, a folder (searched recursively for audio files) or a TSV manifest, checked
+exactly as training checks it (:func:`eat_fairseq.core.manifest.read_manifest`: line 1 the root
+folder, then ``relative/path<TAB>n_samples`` rows, as written by ``eat-manifest``).
 
 Outputs:
-- files and folders: one file per clip under DIR mirroring its relative path (a folder's files are
-  named relative to the folder, a loose file by its name): ``.npy`` holding ``(D,)`` for
-  ``utterance`` or ``(H, D)`` for ``frame`` (one row per 160 ms time patch); ``.npz`` with
-  ``utterance``, ``frame``, ``patches`` ``(H, 8, D)`` and ``timestamps`` (seconds) for ``all``;
+- files and folders: one file per clip under DIR, at the clip's path relative to the deepest folder
+  that holds all the inputs (one folder: the folder itself; one file: its name), so same-named files
+  of several input folders keep their folders apart: ``.npy`` holding ``(D,)`` for ``utterance`` or
+  ``(H, D)`` for ``frame`` (one row per 160 ms time patch); ``.npz`` with ``utterance``, ``frame``,
+  ``patches`` ``(H, 8, D)`` and ``timestamps`` (seconds) for ``all``. Files that differ only by
+  their extension (``a.wav``, ``a.flac``) keep it in the output name (``a.wav.npy``, ``a.flac.npy``);
 - a manifest ``NAME.tsv``: ``DIR/NAME.npz`` and ``DIR/NAME.index.tsv``. The ``.npz`` holds
   ``utterance`` ``(N, D)`` and/or ``frame`` ``(sum H, D)`` (+ ``patches``) with ``offsets``
   ``(N + 1,)``: clip ``i``'s rows are ``offsets[i]:offsets[i + 1]``, ``timestamps`` per row. The index
   lists ``row, path, manifest_line, num_patches`` for every clip that succeeded.
 
-Files that cannot be read (or are shorter than 25 ms) are skipped and listed at the end and in
-``DIR/errors.tsv``; the run goes on. Exit status: 0 when at least one clip succeeded, 1 when all
-failed or the checkpoint cannot be used, 2 for bad arguments. Uses only the pure core (no fairseq).
+Existing outputs (including ``DIR/errors.tsv``) are never overwritten without ``--force``: the run
+stops before loading the model. Files that cannot be read (missing, not a regular file, undecodable,
+shorter than 25 ms) are skipped, listed at the end and in ``DIR/errors.tsv``, and the run goes on.
+Exit status: 0 every clip embedded; 1 some clip failed (the others are written) or the checkpoint
+cannot be used; 2 bad arguments, an unusable manifest, or outputs in the way. Uses only the pure core
+(no fairseq); torch is imported after the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -28,17 +35,27 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
-import torch
+from eat_fairseq.cli.common import (
+    add_threads_argument,
+    apply_threads,
+    checkpoint_message,
+    device_error,
+    fail,
+    one_line,
+)
 
-from eat_fairseq.api import GRANULARITIES, EATModelHandle, load_model
-from eat_fairseq.core.audio import AudioError
-from eat_fairseq.core.checkpoint import CheckpointError
+if TYPE_CHECKING:
+    import torch
+
+    from eat_fairseq.api import EATModelHandle
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf"})
 """Suffixes picked up inside folders (files named on the command line are tried whatever their suffix)."""
+
+GRANULARITIES = ("utterance", "frame", "all")
+"""Same as :data:`eat_fairseq.api.GRANULARITIES` (repeated so ``--help`` does not import torch)."""
 
 
 class InputError(ValueError):
@@ -58,55 +75,80 @@ class AudioItem:
 # inputs (shared with eat-tag)
 
 
-def read_manifest(path: str) -> list[AudioItem]:
-    """Rows of a TSV manifest: line 1 the root folder (relative roots are relative to the manifest)."""
+def manifest_items(path: str) -> list[AudioItem]:
+    """Rows of a TSV manifest, parsed by the core parser training uses (a missing root line, a
+    malformed row or a non-integer length is an :class:`InputError` naming the file and line)."""
+    from eat_fairseq.core.manifest import ManifestError, read_manifest
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read manifest: {exc}") from exc
-    if not lines or not lines[0].strip():
-        raise InputError(f"{path}: empty manifest (expected the root folder on line 1)")
-    root = lines[0].strip()
-    if not os.path.isabs(root):
-        root = os.path.join(os.path.dirname(os.path.abspath(path)), root)
-    return [
-        AudioItem(os.path.join(root, line.split("\t")[0]), line.split("\t")[0], line=lineno)
-        for lineno, line in enumerate(lines[1:], start=2)
-        if line.strip()
-    ]
+        root, rows = read_manifest(path)
+    except (OSError, UnicodeDecodeError, ManifestError) as exc:
+        raise InputError(f"{path}: cannot use manifest: {one_line(exc)}") from exc
+    return [AudioItem(row.path, os.path.relpath(row.path, root), line=row.line) for row in rows]
 
 
-def folder_items(folder: str) -> list[AudioItem]:
-    """Audio files under ``folder``, recursively, in sorted order, named relative to it."""
-    items = []
+def folder_files(folder: str) -> list[str]:
+    """Audio files under ``folder``, recursively, in sorted order (hidden folders skipped)."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in AUDIO_EXTENSIONS:
-                full = os.path.join(dirpath, name)
-                items.append(AudioItem(full, os.path.relpath(full, folder)))
-    return items
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, name) for name in sorted(filenames)
+                     if Path(name).suffix.lower() in AUDIO_EXTENSIONS)
+    return found
+
+
+def _output_names(files: list[str], base: str) -> list[str]:
+    """Relative output names: the path below ``base`` without its extension, or with it where two
+    files would otherwise share a name (``a.wav`` and ``a.flac``)."""
+    relative = [os.path.relpath(f, base) for f in files]
+    stems = [os.path.splitext(r)[0] for r in relative]
+    taken: dict[str, int] = {}
+    for stem in stems:
+        taken[stem] = taken.get(stem, 0) + 1
+    return [stem if taken[stem] == 1 else rel for rel, stem in zip(relative, stems)]
 
 
 def expand_inputs(inputs: Iterable[str], manifests: bool = True) -> tuple[list[AudioItem], dict[str, list[AudioItem]]]:
     """Command-line inputs -> ``(loose clips from files and folders, {manifest path: its clips})``.
 
-    A missing audio file is kept (it is reported per file, like an unreadable one); a ``.tsv``
-    argument is a manifest (an :class:`InputError` when ``manifests`` is false).
+    A loose clip's ``relative`` name is its path below the deepest folder holding all file and
+    folder inputs, without the extension (kept where two files would collide). The same file named
+    twice is embedded once. A missing audio file is kept (it is reported per file, like an unreadable
+    one); a ``.tsv`` argument is a manifest (an :class:`InputError` when ``manifests`` is false).
     """
-    loose: list[AudioItem] = []
+    files: dict[str, str] = {}  # absolute path -> the path as given (shown in messages and results)
+    anchors: list[str] = []
     groups: dict[str, list[AudioItem]] = {}
     for arg in inputs:
         if os.path.isdir(arg):
-            loose.extend(folder_items(arg))
+            anchors.append(os.path.abspath(arg))
+            for found in folder_files(arg):
+                files.setdefault(os.path.abspath(found), found)
         elif arg.lower().endswith(".tsv"):
             if not manifests:
                 raise InputError(f"{arg}: manifests are not accepted here; pass audio files or folders")
-            groups[arg] = read_manifest(arg)
+            groups[arg] = manifest_items(arg)
         else:
-            loose.append(AudioItem(arg, os.path.basename(arg)))
+            anchors.append(os.path.dirname(os.path.abspath(arg)))
+            files.setdefault(os.path.abspath(arg), arg)
+    base = os.path.commonpath(anchors) if anchors else ""
+    names = _output_names(list(files), base)
+    loose = [AudioItem(given, name) for given, name in zip(files.values(), names)]
     return loose, groups
+
+
+def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
+    """The one place where an input row becomes audio: a mono waveform at the model's rate.
+
+    Only regular files are opened (a FIFO named ``.wav`` would block the decoder forever).
+    """
+    from eat_fairseq.core.audio import AudioError
+
+    if not os.path.exists(item.path):
+        raise AudioError(f"{item.path}: file not found")
+    if not os.path.isfile(item.path):
+        raise AudioError(f"{item.path}: not a regular file")
+    return handle.prepare(item.path)
 
 
 def progress(total: int, desc: str) -> Any:
@@ -116,20 +158,17 @@ def progress(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one TSV-safe line."""
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.replace("\t", " ").split())
+def clip_errors() -> tuple[type[BaseException], ...]:
+    """Per-clip failures that skip the clip instead of stopping the run."""
+    from eat_fairseq.core.audio import AudioError
 
-
-CLIP_ERRORS = (AudioError, OSError, ValueError, RuntimeError)
-"""Per-clip failures that skip the clip instead of stopping the run."""
+    return (AudioError, OSError, ValueError, RuntimeError)
 
 
 def run_batches(
-    handle: EATModelHandle,
+    handle: "EATModelHandle",
     items: list[AudioItem],
-    compute: Callable[[list[torch.Tensor]], list[Any]],
+    compute: Callable[[list["torch.Tensor"]], list[Any]],
     batch_size: int,
     bar: Any,
 ) -> Iterator[tuple[AudioItem, Any, Optional[str]]]:
@@ -139,25 +178,26 @@ def run_batches(
     ``compute`` together; if a batch fails, its clips are retried one at a time so that only the
     culprit is reported.
     """
+    errors = clip_errors()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        loaded: list[tuple[int, torch.Tensor]] = []
+        loaded: list[tuple[int, Any]] = []
         failed: dict[int, str] = {}
         for i, item in enumerate(chunk):
             try:
-                loaded.append((i, handle.prepare(item.path)))
-            except CLIP_ERRORS as exc:
+                loaded.append((i, load_item(handle, item)))
+            except errors as exc:
                 failed[i] = one_line(exc)
         results: dict[int, Any] = {}
         if loaded:
             try:
                 outputs = compute([wave for _, wave in loaded])
                 results = {i: out for (i, _), out in zip(loaded, outputs)}
-            except CLIP_ERRORS:
+            except errors:
                 for i, wave in loaded:
                     try:
                         results[i] = compute([wave])[0]
-                    except CLIP_ERRORS as exc:
+                    except errors as exc:
                         failed[i] = one_line(exc)
         for i, item in enumerate(chunk):
             yield item, results.get(i), failed.get(i)
@@ -166,26 +206,24 @@ def run_batches(
 
 def report_errors(errors: list[tuple[str, str]], out_dir: Optional[Path], total: int, prog: str) -> None:
     """Print the failures to stderr and (with ``out_dir``) write ``errors.tsv`` there."""
-    path = out_dir / "errors.tsv" if out_dir is not None else None
-    if path is not None and path.exists():
-        path.unlink()  # a stale list from an earlier run would be misleading
     if not errors:
         return
     print(f"{prog}: {len(errors)} of {total} files failed:", file=sys.stderr)
     for name, message in errors:
         print(f"  {name}: {message}", file=sys.stderr)
-    if path is not None:
+    if out_dir is not None:
+        path = out_dir / "errors.tsv"
         with open(path, "w", encoding="utf-8") as handle:
             handle.write("path\terror\n")
             handle.writelines(f"{name}\t{message}\n" for name, message in errors)
         print(f"{prog}: the list is in {path}", file=sys.stderr)
 
 
-def load_for_cli(args: argparse.Namespace, prog: str) -> Optional[EATModelHandle]:
-    """The model, or None after printing why it cannot be used."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"{prog}: error: --device {args.device} but CUDA is not available", file=sys.stderr)
-        return None
+def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["EATModelHandle"]:
+    """The model, or None after printing why it cannot be used (the device was checked before)."""
+    from eat_fairseq.api import load_model
+    from eat_fairseq.core.checkpoint import CheckpointError
+
     try:
         return load_model(
             args.checkpoint,
@@ -195,8 +233,28 @@ def load_for_cli(args: argparse.Namespace, prog: str) -> Optional[EATModelHandle
             batch_size=args.batch_size,
         )
     except (CheckpointError, OSError, ValueError) as exc:
-        print(f"{prog}: error: cannot load {args.checkpoint}: {one_line(exc)}", file=sys.stderr)
+        print(f"{prog}: error: cannot load {args.checkpoint}: {checkpoint_message(exc)}", file=sys.stderr)
         return None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--batch-size``, ``--device``, ``--threads`` and ``--trust-checkpoint`` (eat-extract and eat-tag)."""
+    parser.add_argument("--batch-size", type=int, default=8, help=f"clips loaded / windows {what} together")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_threads_argument(parser)
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling (your own files only)"
+    )
+
+
+def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) for the options of :func:`add_model_arguments`; applies ``--threads``."""
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    problem = device_error(args.device)
+    if problem:
+        parser.error(problem)
+    apply_threads(parser, args.threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eat-extract",
         description="Write EAT embeddings of audio files, folders (recursive) or TSV manifests.",
+        epilog="exit status: 0 every clip embedded, 1 some clip failed (listed in OUT/errors.tsv) or the "
+        "checkpoint cannot be used, 2 bad arguments, an unusable manifest or outputs in the way",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or .tsv manifest")
     parser.add_argument("--checkpoint", required=True, help="EAT checkpoint (pre-training, fine-tuned or converted)")
@@ -218,16 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="utterance: (D,) CLS; frame: (H, D) per 160 ms time patch; all: .npz with both and every patch",
     )
     parser.add_argument("--layer", type=int, default=None, help="transformer block to read (0-based; default last)")
-    parser.add_argument("--batch-size", type=int, default=8, help="clips loaded / windows encoded together")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling (your own files only)"
-    )
+    add_model_arguments(parser, "encoded")
     parser.add_argument("--use-teacher", action="store_true", help="pre-training checkpoints: use the EMA teacher")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs in --out")
     return parser
 
 
 def _save_clip(path: Path, result: Any, granularity: str) -> None:
+    import numpy as np
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if granularity == "all":
         np.savez(path, **result)
@@ -236,31 +295,55 @@ def _save_clip(path: Path, result: Any, granularity: str) -> None:
 
 
 def _write_manifest_outputs(
-    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any]], granularity: str, handle: EATModelHandle
+    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any, int]], granularity: str, handle: "EATModelHandle"
 ) -> None:
+    """``rows``: ``(item, result, samples of its waveform)`` per clip that succeeded."""
+    import numpy as np
+
     arrays: dict[str, np.ndarray] = {}
     d = handle.embed_dim
     if granularity == "utterance":
-        arrays["utterance"] = np.stack([r for _, r in rows]) if rows else np.zeros((0, d), np.float32)
+        arrays["utterance"] = np.stack([r for _, r, _ in rows]) if rows else np.zeros((0, d), np.float32)
         sizes = [0] * len(rows)
     else:
-        frames = [r if granularity == "frame" else r["frame"] for _, r in rows]
+        frames = [r if granularity == "frame" else r["frame"] for _, r, _ in rows]
         sizes = [f.shape[0] for f in frames]
         arrays["frame"] = np.concatenate(frames) if rows else np.zeros((0, d), np.float32)
         arrays["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         arrays["timestamps"] = (
-            np.concatenate([handle.timestamps(n) for n in sizes]) if rows else np.zeros(0)
+            np.concatenate([handle.timestamps(n, num_samples=s) for n, (_, _, s) in zip(sizes, rows)])
+            if rows
+            else np.zeros(0)
         )
         if granularity == "all":
-            arrays["utterance"] = np.stack([r["utterance"] for _, r in rows]) if rows else np.zeros((0, d), np.float32)
+            arrays["utterance"] = np.stack([r["utterance"] for _, r, _ in rows]) if rows else np.zeros((0, d), np.float32)
             w = handle.num_freq_patches
-            arrays["patches"] = np.concatenate([r["patches"] for _, r in rows]) if rows else np.zeros((0, w, d), np.float32)
+            arrays["patches"] = np.concatenate([r["patches"] for _, r, _ in rows]) if rows else np.zeros((0, w, d), np.float32)
     np.savez(out_dir / f"{stem}.npz", **arrays)
     with open(out_dir / f"{stem}.index.tsv", "w", encoding="utf-8") as handle_out:
         handle_out.write("row\tpath\tmanifest_line\tnum_patches\n")
-        for row, ((item, _), size) in enumerate(zip(rows, sizes)):
+        for row, ((item, _, _), size) in enumerate(zip(rows, sizes)):
             patches = size if granularity != "utterance" else ""
             handle_out.write(f"{row}\t{item.relative}\t{item.line}\t{patches}\n")
+
+
+def planned_outputs(
+    out_dir: Path, loose: list[AudioItem], manifests: dict[str, list[AudioItem]], granularity: str
+) -> tuple[dict[str, Path], list[Path]]:
+    """``({loose clip path: its output}, every file the run may write)``; raises :class:`InputError`
+    when two inputs would write the same file."""
+    suffix = ".npz" if granularity == "all" else ".npy"
+    per_clip = {item.path: out_dir / (item.relative + suffix) for item in loose}
+    owners: dict[Path, str] = {}
+    for source, target in per_clip.items():
+        owners[target] = source
+    for manifest in manifests:
+        stem = Path(manifest).stem
+        for target in (out_dir / f"{stem}.npz", out_dir / f"{stem}.index.tsv"):
+            if target in owners:
+                raise InputError(f"{manifest} and {owners[target]} would both write {target}")
+            owners[target] = manifest
+    return per_clip, [*owners, out_dir / "errors.tsv"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -268,60 +351,60 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = parser.prog
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    check_model_arguments(parser, args)
     try:
         loose, manifests = expand_inputs(args.inputs)
+        stems = [Path(m).stem for m in manifests]
+        if len(set(stems)) != len(stems):
+            raise InputError(f"two manifests share a name ({stems}); their outputs would collide")
+        out_dir = Path(args.out)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(f"--out {out_dir} exists and is not a folder")
+        per_clip, outputs = planned_outputs(out_dir, loose, manifests, args.granularity)
     except InputError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    stems = [Path(m).stem for m in manifests]
-    if len(set(stems)) != len(stems):
-        print(f"{prog}: error: two manifests share a name ({stems}); their outputs would collide", file=sys.stderr)
-        return 2
+        return fail(prog, str(exc), 2)
     total = len(loose) + sum(len(v) for v in manifests.values())
     if total == 0:
-        print(f"{prog}: error: no audio files found in {args.inputs}", file=sys.stderr)
-        return 1
+        return fail(prog, f"no audio files found in {args.inputs}", 1)
+    existing = [p for p in outputs if p.exists()]
+    if existing and not args.force:
+        shown = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        return fail(prog, f"refusing to overwrite existing output(s) (use --force): {shown}", 2)
     handle = load_for_cli(args, prog)
     if handle is None:
         return 1
     if args.layer is not None and not -handle.num_layers <= args.layer < handle.num_layers:
-        print(f"{prog}: error: --layer must be in [-{handle.num_layers}, {handle.num_layers - 1}]", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
+        return fail(prog, f"--layer must be in [-{handle.num_layers}, {handle.num_layers - 1}]", 2)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.force and (out_dir / "errors.tsv").exists():
+        (out_dir / "errors.tsv").unlink()  # a stale list from an earlier run would be misleading
 
-    def compute(waves: list[torch.Tensor]) -> list[Any]:
-        return handle.extract(waves, sample_rate=handle.sample_rate, granularity=args.granularity, layer=args.layer)
+    def compute(waves: list[Any]) -> list[tuple[Any, int]]:
+        """``(embedding, samples of the waveform)`` per clip (the length places the last timestamp)."""
+        results = handle.extract(waves, sample_rate=handle.sample_rate, granularity=args.granularity, layer=args.layer)
+        return [(result, int(wave.shape[-1])) for result, wave in zip(results, waves)]
 
-    suffix = ".npz" if args.granularity == "all" else ".npy"
     errors: list[tuple[str, str]] = []
     written = 0
     with progress(total, prog) as bar:
-        claimed: dict[Path, str] = {}
         for item, result, error in run_batches(handle, loose, compute, args.batch_size, bar):
-            target = out_dir / Path(item.relative).with_suffix(suffix)
-            if error is None and target in claimed:
-                error = f"output {target} would overwrite the output of {claimed[target]}"
             if error is not None:
                 errors.append((item.path, error))
                 continue
-            claimed[target] = item.path
-            _save_clip(target, result, args.granularity)
+            _save_clip(per_clip[item.path], result[0], args.granularity)
             written += 1
         for manifest, items in manifests.items():
-            rows: list[tuple[AudioItem, Any]] = []
+            rows: list[tuple[AudioItem, Any, int]] = []
             for item, result, error in run_batches(handle, items, compute, args.batch_size, bar):
                 if error is not None:
                     errors.append((item.path, error))
                 else:
-                    rows.append((item, result))
+                    rows.append((item, *result))
             _write_manifest_outputs(out_dir, Path(manifest).stem, rows, args.granularity, handle)
             written += len(rows)
     report_errors(errors, out_dir, total, prog)
     print(f"{prog}: {written} of {total} files embedded ({args.granularity}) into {out_dir}", file=sys.stderr)
-    return 0 if written > 0 else 1
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

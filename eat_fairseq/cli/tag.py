@@ -1,7 +1,8 @@
 """``eat-tag``: top-k labels of audio files with a fine-tuned EAT checkpoint.
 
     eat-tag --checkpoint CKPT [--labels class_labels_indices.csv] [--top-k K] [--json]
-            [--aggregate mean|max] [--batch-size B] [--device cpu|cuda] [--trust-checkpoint] AUDIO...
+            [--aggregate mean|max] [--batch-size B] [--device cpu|cuda] [--threads N]
+            [--trust-checkpoint] AUDIO...
 
 AUDIO is an audio file or a folder (searched recursively). Scores are sigmoid probabilities for
 multi-label models (AudioSet) and softmax probabilities for single-label ones (ESC-50), as the
@@ -15,9 +16,10 @@ the model appears in the file, else by index when the file has exactly one row p
 
 Output: per file its path then one ``score  name (label)`` line per label; ``--json`` prints one JSON object
 ``{"results": {path: [{"index", "label", "name", "score"}, ...]}, "errors": {path: message}}``.
-Unreadable files are skipped and reported; exit status 0 when at least one file was tagged, 1 when
-all failed or the checkpoint has no classification head (a pre-training checkpoint), 2 for bad
-arguments. Uses only the pure core (no fairseq).
+Unreadable files (missing, not a regular file, undecodable, shorter than 25 ms) are skipped and
+reported; exit status 0 when every file was tagged, 1 when some file failed (the others are printed)
+or the checkpoint has no classification head (a pre-training checkpoint), 2 for bad arguments. Uses
+only the pure core (no fairseq); torch is imported after the arguments are parsed.
 """
 from __future__ import annotations
 
@@ -26,15 +28,26 @@ import json
 import sys
 from typing import Any, Optional
 
-import numpy as np
-import torch
-
-from eat_fairseq.cli.extract import InputError, expand_inputs, load_for_cli, progress, report_errors, run_batches
-from eat_fairseq.core.labels import LabelError, read_label_descriptors
+from eat_fairseq.cli.common import fail
+from eat_fairseq.cli.extract import (
+    InputError,
+    add_model_arguments,
+    check_model_arguments,
+    expand_inputs,
+    load_for_cli,
+    progress,
+    report_errors,
+    run_batches,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eat-tag", description="Tag audio files with a fine-tuned EAT checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="eat-tag",
+        description="Tag audio files with a fine-tuned EAT checkpoint.",
+        epilog="exit status: 0 every file tagged, 1 some file failed or the checkpoint has no classification "
+        "head, 2 bad arguments",
+    )
     parser.add_argument("audio", nargs="+", metavar="AUDIO", help="audio file or folder")
     parser.add_argument("--checkpoint", required=True, help="fine-tuned EAT checkpoint (ours, converted or released)")
     parser.add_argument("--labels", default=None, help="CSV with display names (class_labels_indices.csv)")
@@ -43,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aggregate", choices=("mean", "max"), default="mean", help="how per-window scores of long clips combine"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="clips loaded / windows scored together")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling (your own files only)"
-    )
+    add_model_arguments(parser, "scored")
     return parser
 
 
@@ -57,6 +66,8 @@ def display_names(model_labels: list[str], path: str) -> tuple[list[str], Option
     Raises :class:`~eat_fairseq.core.labels.LabelError` when the file fits the model neither by
     label nor by index.
     """
+    from eat_fairseq.core.labels import LabelError, read_label_descriptors
+
     label_set = read_label_descriptors(path)
     by_label = dict(zip(label_set.labels, label_set.display_names))
     if all(label in by_label for label in model_labels):
@@ -76,16 +87,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     prog = parser.prog
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    check_model_arguments(parser, args)
     try:
         items, _ = expand_inputs(args.audio, manifests=False)
     except InputError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(prog, str(exc), 2)
     if not items:
-        print(f"{prog}: error: no audio files found in {args.audio}", file=sys.stderr)
-        return 1
+        return fail(prog, f"no audio files found in {args.audio}", 1)
+    import numpy as np
+
+    from eat_fairseq.core.labels import LabelError
+
     handle = load_for_cli(args, prog)
     if handle is None:
         return 1
@@ -107,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{prog}: note: {note}", file=sys.stderr)
     top_k = min(args.top_k, len(handle.labels))
 
-    def compute(waves: list[torch.Tensor]) -> list[Any]:
+    def compute(waves: list[Any]) -> list[Any]:
         return handle.predict_scores(waves, sample_rate=handle.sample_rate, aggregate=args.aggregate)
 
     results: dict[str, list[dict[str, Any]]] = {}
@@ -130,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps({"results": results, "errors": dict(errors)}, indent=2, ensure_ascii=False))
     report_errors(errors, None, len(items), prog)
-    return 0 if results else 1
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:
     name = os.fspath(path)
     try:
         data, sample_rate = sf.read(name, dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports missing, empty and non-audio files alike
+    except Exception as exc:  # libsndfile reports a missing file as "System error"
+        if not os.path.exists(name):
+            raise AudioError(f"audio file not found: {name!r}") from None
         raise AudioError(f"cannot read audio file {name!r}: {exc}") from exc
     if sample_rate <= 0:
         raise AudioError(f"audio file {name!r} reports an invalid sample rate {sample_rate}")

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, load_checkpoint, load_safetensors, to_plain
 from .encoder import EncoderConfig
 from .pretraining import PretrainConfig
@@ -671,7 +672,8 @@ def convert_file(
     """Convert ``src`` and write ``dst`` (``to="eat"``: our layout; ``"released"``: the authors' layout).
 
     Refuses to overwrite ``dst`` unless ``force``. The file is written with ``torch.save`` to a
-    temporary name and renamed, so a failed write never leaves a half-written ``dst``.
+    temporary name, fsynced and renamed (:func:`eat_fairseq.core.atomic.atomic_write`), so a failed
+    write never leaves a half-written ``dst``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if to not in ("eat", "released"):
@@ -688,14 +690,9 @@ def convert_file(
             raise ConversionError(f"{src}: {exc}") from exc
     else:
         out = ours
-    tmp = dst + ".tmp"
     try:
-        torch.save(out, tmp)
-        os.replace(tmp, dst)
+        atomic_write(dst, lambda handle: torch.save(out, handle))
     except (OSError, RuntimeError) as exc:
         raise ConversionError(f"{dst}: cannot write the converted checkpoint: {exc}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return summary
 

@@ -8,15 +8,19 @@ Formats:
 - ``label_descriptors.csv``: ``index,label[,display name]``, optionally preceded by a header line
   (AudioSet's own ``class_labels_indices.csv`` has ``index,mid,display_name``). Display names may be
   quoted and contain commas, so the file is read with :mod:`csv`.
-- ``{split}.tsv``: first line the root directory, then ``relative/path<TAB>n_samples``.
+- ``{split}.tsv``: first line the root directory, then ``relative/path<TAB>n_samples`` (or a span /
+  shard row, :mod:`eat_fairseq.core.manifest`).
 - ``{split}.lbl``: one line per manifest row, ``clip_id<TAB>label1,label2,...``.
 """
 from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .manifest import id_for_path, read_manifest
 
 
 class LabelError(ValueError):
@@ -87,8 +91,12 @@ def read_label_descriptors(path: str | os.PathLike) -> LabelSet:
     return LabelSet(labels=labels, display_names=names)
 
 
-def read_manifest_paths(tsv_path: str | os.PathLike) -> list[str]:
-    """Relative paths of a ``{split}.tsv`` manifest (the root line skipped)."""
+def read_manifest_paths(tsv_path: str | os.PathLike, resolve_shards: bool = False) -> list[str]:
+    """Addresses of a ``{split}.tsv`` manifest's rows (the root line skipped), in order.
+
+    With ``resolve_shards`` a shard row (``shard.zip:OFFSET:LENGTH``) is replaced by its member's
+    name, the address of the clip before packing, so its clip id can be checked.
+    """
     tsv_path = Path(tsv_path)
     if not tsv_path.is_file():
         raise LabelError(f"{tsv_path}: manifest not found")
@@ -96,15 +104,33 @@ def read_manifest_paths(tsv_path: str | os.PathLike) -> list[str]:
         lines = handle.read().splitlines()
     if not lines:
         raise LabelError(f"{tsv_path}: empty manifest (expected the root directory on line 1)")
-    return [line.split("\t")[0] for line in lines[1:] if line.strip()]
+    if not resolve_shards:
+        return [line.split("\t")[0] for line in lines[1:] if line.strip()]
+    from .shards import source_address
+
+    out = []
+    for row in read_manifest(str(tsv_path))[1]:
+        try:
+            out.append(source_address(row))
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise LabelError(
+                f"{tsv_path}:{row.line}: cannot look up the shard member of {row.rel!r} to check its clip id "
+                f"({type(e).__name__}: {e}); fix the shard or set task.check_clip_ids=false"
+            ) from None
+    return out
 
 
-def _id_matches(clip_id: str, rel_path: str) -> bool:
+def _id_matches(clip_id: str, address: str) -> bool:
     """Whether a clip id names its manifest row.
 
     Accepted: the relative path with or without extension, the file name, the stem, and AudioSet's
-    file namings of a YouTube id: ``Y{id}`` and ``{id}_{start}``.
+    file namings of a YouTube id: ``Y{id}`` and ``{id}_{start}``. A window of a file (span row) is
+    named ``ID@START`` (or just ``ID``), see :func:`eat_fairseq.core.manifest.id_for_path`.
     """
+    pair = id_for_path(clip_id, address)
+    if pair is None:
+        return False
+    clip_id, rel_path = pair
     base = os.path.basename(rel_path)
     stem = os.path.splitext(base)[0]
     if clip_id in {rel_path, os.path.splitext(rel_path)[0], base, stem, stem[1:] if stem.startswith("Y") else None}:
@@ -132,7 +158,7 @@ def read_split_labels(
         lines = [line for line in handle.read().splitlines()]
     while lines and not lines[-1].strip():
         lines.pop()
-    paths = read_manifest_paths(tsv_path) if tsv_path is not None else None
+    paths = read_manifest_paths(tsv_path, resolve_shards=check_ids) if tsv_path is not None else None
     if paths is not None and len(paths) != len(lines):
         raise LabelError(
             f"{lbl_path}: {len(lines)} label lines but {tsv_path} has {len(paths)} rows "

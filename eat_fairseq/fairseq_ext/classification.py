@@ -42,7 +42,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, DictConfig, open_dict
 
 from eat_fairseq.core import augment
-from eat_fairseq.core.audio import AudioError, load_audio, to_mono_16k
+from eat_fairseq.core.audio import to_mono_16k
 from eat_fairseq.core.classifier import EATClassifier, parameter_lr_scale
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, waveform_to_features
@@ -51,8 +51,8 @@ from eat_fairseq.core.labels import LabelError, LabelSet, read_label_descriptors
 from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
 from eat_fairseq.core.sampling import WeightedEpochSampler, balanced_weights, read_weights
 
-from .data import EATAudioDataset
-from .pretraining import EATAudioTask, EATEncoderFields
+from .data import EATAudioDataset, is_placeholder
+from .pretraining import CROP_HELP, NUM_THREADS_HELP, WHOLE_FILE_HELP, EATAudioTask, EATEncoderFields, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -139,13 +139,7 @@ class EATLabelledDataset(EATAudioDataset):
     def load_features(self, index: int) -> torch.Tensor:
         if not (self.augment_clips and (self.use_roll_and_gain or self.use_noise_and_roll)):
             return super().load_features(index)
-        row = self.rows[index]
-        try:
-            wave, sr = load_audio(row.path)
-        except AudioError as e:
-            raise AudioError(f"{e} (manifest {self.manifest}, line {row.line})") from e
-        except Exception as e:
-            raise AudioError(f"cannot load {row.path} (manifest {self.manifest}, line {row.line}): {e}") from e
+        wave, sr = self.load_wave(index)
         gen = self._clip_generator(index)
         mono = to_mono_16k(wave, sr, self.features.sample_rate)
         if self.use_roll_and_gain:
@@ -157,7 +151,7 @@ class EATLabelledDataset(EATAudioDataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         item = super().__getitem__(index)
-        item["target"] = self.labels[index]
+        item["target"] = self.labels[item["id"]]  # the id of a replacement clip when one stood in
         return item
 
     def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -207,6 +201,8 @@ class EATClassificationConfig(FairseqDataclass):
     on_bad_file: ChoiceEnum(["raise", "skip"]) = field(  # type: ignore[valid-type]
         default="raise", metadata={"help": "raise on a missing/unreadable file, or skip it"}
     )
+    crop: ChoiceEnum(["start", "random"]) = field(default="start", metadata={"help": CROP_HELP})  # type: ignore[valid-type]
+    read_whole_file: bool = field(default=False, metadata={"help": WHOLE_FILE_HELP})
     balanced_sampling: bool = field(default=False, metadata={"help": "weighted draws without replacement (AS-2M)"})
     weights_file: Optional[str] = field(
         default=None,
@@ -218,6 +214,7 @@ class EATClassificationConfig(FairseqDataclass):
     per_class_ap_dir: Optional[str] = field(
         default=None, metadata={"help": "write per_class_ap_{subset}.tsv here after each validation"}
     )
+    num_threads: int = field(default=0, metadata={"help": NUM_THREADS_HELP})
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
 
@@ -267,6 +264,7 @@ class EATClassificationTask(EATAudioTask):
 
     @classmethod
     def setup_task(cls, cfg: EATClassificationConfig, from_checkpoint: bool = False, **kwargs: Any):
+        prepare_run(cfg, from_checkpoint)
         path = cfg.labels if os.path.isabs(cfg.labels) else os.path.join(str(cfg.data), cfg.labels)
         if os.path.isfile(path):
             label_set: Optional[LabelSet] = read_label_descriptors(path)
@@ -338,6 +336,7 @@ class EATClassificationTask(EATAudioTask):
             on_error=str(self.cfg.on_bad_file),
             shuffle=is_train,
             seed=int(self.cfg.seed),
+            **self.clip_options(split),
         )
 
     def _kept_rows(self, manifest: str) -> Optional[np.ndarray]:
@@ -379,6 +378,9 @@ class EATClassificationTask(EATAudioTask):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         scores = logging_output.pop("_scores", None)
         targets = logging_output.pop("_targets", None)
+        if is_placeholder(sample):  # no clips, but every rank must still join the gather below
+            scores = np.zeros((0, self.num_classes), dtype=np.float32)
+            targets = sample["target"].cpu().numpy()
         if scores is not None:
             ids = sample["id"].cpu().numpy()
             if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -688,6 +690,7 @@ class EATClassificationCriterion(FairseqCriterion):
             "sample_size": float(sample_size.item()),
             "nsentences": batch,
             "ntokens": batch,
+            "skipped": int(sample.get("skipped", 0)),  # unreadable clips (task.on_bad_file=skip)
         }
         if not model.training:
             with torch.no_grad():
@@ -708,6 +711,9 @@ class EATClassificationCriterion(FairseqCriterion):
         loss = sum(float(log.get("loss", 0.0)) for log in logging_outputs)
         size = sum(float(log.get("sample_size", 0.0)) for log in logging_outputs)
         metrics.log_scalar("loss", loss / max(size, 1e-8), size, round=4)
+        skipped = sum(int(log.get("skipped", 0)) for log in logging_outputs)
+        if skipped:
+            metrics.log_scalar_sum("skipped_files", skipped, round=0)
         n_eval = sum(int(log.get("n_eval", 0)) for log in logging_outputs)
         if n_eval > 0:
             metrics.log_scalar_sum("n_eval", n_eval)

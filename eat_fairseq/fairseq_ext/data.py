@@ -1,7 +1,8 @@
 """Audio datasets for fairseq: a TSV manifest in, normalised Kaldi fbank out.
 
 The manifest format is the release's (reference section 6): the first line is the root folder, then
-one ``relative/path<TAB>n_samples`` row per clip. Features are computed in the data-loader workers
+one ``relative/path<TAB>n_samples`` row per clip; rows may also address a span of a long file or a
+member of a zip shard (:mod:`eat_fairseq.core.manifest`). Features are computed in the data-loader workers
 (``dataset.num_workers``), and so are the pre-training masks when a :class:`MaskSpec` is given, as in
 the release, so the training loop only gathers tensors.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -16,12 +18,20 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from eat_fairseq.core.audio import AudioError, load_audio, to_mono_16k
+from eat_fairseq.core.audio import AudioError, to_mono_16k
+from eat_fairseq.core.clips import CROP_MODES, read_row_window
 from eat_fairseq.core.features import FeatureConfig, waveform_to_features
 from eat_fairseq.core.manifest import ManifestError, ManifestRow, read_manifest  # noqa: F401  (re-exported)
 from eat_fairseq.core.masking import inverse_block_mask
 
 logger = logging.getLogger(__name__)
+
+PLACEHOLDER = "placeholder"
+
+
+def is_placeholder(sample: Any) -> bool:
+    """Whether a batch stands for clips that were all unreadable (nothing to train or evaluate on)."""
+    return isinstance(sample, dict) and bool(sample.get(PLACEHOLDER, False))
 
 
 @dataclass
@@ -39,17 +49,33 @@ class MaskSpec:
 class EATAudioDataset(FairseqDataset):
     """Clips from a manifest as normalised fbank ``(1, T, F)`` (reference section 1).
 
+    Rows may address whole files, spans of long files or members of zip shards
+    (:mod:`eat_fairseq.core.manifest`); only the frames the crop window uses are read.
+
     Args:
-        manifest: path of ``{split}.tsv``.
+        manifest: path of ``{split}.tsv``; its root folder (line 1) must exist.
         features: feature settings (target length, normalisation statistics).
         min_samples: clips whose manifest length (native rate) is below this are dropped at load time
             and counted in the log.
         on_error: ``"raise"`` (default) stops on a missing/unreadable/NaN file with an error naming the
-            file and manifest line; ``"skip"`` drops the clip from its batch, logs it and counts it in
-            the batch's ``skipped`` field.
+            file and manifest line; ``"skip"`` logs the clip and leaves it out (see ``replace_bad``);
+            the batch's ``skipped`` field counts such clips.
         mask: when set, the collater adds ``net_input["mask"]`` of shape ``(B * clone_batch, P)``.
         shuffle: random order per epoch (training) or manifest order.
+        crop: ``"start"`` (release): the first ``target_length`` frames; ``"random"``: a window at a
+            random start drawn from (seed, epoch, manifest line), so any worker and a resumed run
+            draw the same window.
+        whole_file: decode whole clips and crop after the fbank, as the release did (cost grows with
+            the file's length; features of clips longer than the window differ from the default's by
+            float32 rounding only, see :func:`eat_fairseq.core.clips.read_row_window`).
+        replace_bad: with ``on_error="skip"``, put a readable clip (drawn from the seed, epoch and
+            index) in place of a bad one, so every training batch is full and real: fairseq would
+            otherwise take a step from its zero-gradient dummy batch, or crash when that dummy is
+            empty. Default: ``shuffle`` (training). Without it (evaluation) bad clips are dropped and
+            an all-bad batch becomes a placeholder that the tasks evaluate as nothing.
     """
+
+    MAX_REPLACEMENT_TRIES = 32
 
     def __init__(
         self,
@@ -60,18 +86,29 @@ class EATAudioDataset(FairseqDataset):
         mask: Optional[MaskSpec] = None,
         shuffle: bool = True,
         seed: int = 1,
+        crop: str = "start",
+        whole_file: bool = False,
+        replace_bad: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+        if crop == "random" and whole_file:
+            raise ValueError("crop='random' reads a window of each clip; it cannot be combined with whole-file reads")
         self.manifest = manifest
         self.features = features or FeatureConfig()
         self.on_error = on_error
         self.mask = mask
         self.shuffle = shuffle
         self.seed = seed
+        self.crop = crop
+        self.whole_file = whole_file
+        self.replace_bad = shuffle if replace_bad is None else replace_bad
         self.epoch = 1
-        self.root, rows = read_manifest(manifest)
+        self._bad: set = set()  # indices found unreadable in this process
+        self.root, rows = read_manifest(manifest, check_root=True)
         kept = [r for r in rows if r.num_samples >= max(min_samples, 1)]
         n_short = len(rows) - len(kept)
         if n_short:
@@ -81,7 +118,7 @@ class EATAudioDataset(FairseqDataset):
         self.num_short_skipped = n_short
         self.rows = kept
         self.sizes = np.array([r.num_samples for r in kept], dtype=np.int64)
-        logger.info("%s: %d clips", manifest, len(kept))
+        logger.info("%s: %d clips (crop=%s%s)", manifest, len(kept), crop, ", whole-file reads" if whole_file else "")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,41 +127,91 @@ class EATAudioDataset(FairseqDataset):
     def target_length(self) -> int:
         return self.features.target_length
 
-    def load_features(self, index: int) -> torch.Tensor:
-        """(T, F) normalised fbank of one clip; raises AudioError naming the file and manifest line."""
+    def _seed(self, *parts: Any) -> int:
+        key = ":".join(str(p) for p in (self.seed, self.epoch, *parts))
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+    def load_wave(self, index: int) -> tuple[torch.Tensor, int]:
+        """The samples of clip ``index`` the features use, ``(wave (C, S), sample_rate)``; raises
+        AudioError naming the file and manifest line."""
         row = self.rows[index]
         try:
-            wave, sr = load_audio(row.path)
-        except AudioError as e:
-            raise AudioError(f"{e} (manifest {self.manifest}, line {row.line})") from e
+            return read_row_window(
+                row,
+                self.features,
+                crop=self.crop,
+                seed=self._seed("crop", row.line) if self.crop == "random" else None,
+                whole_file=self.whole_file,
+                manifest=self.manifest,
+            )
+        except AudioError:
+            raise
         except Exception as e:  # anything soundfile or the OS throws: still name the file
-            raise AudioError(f"cannot load {row.path} (manifest {self.manifest}, line {row.line}): {e}") from e
+            raise AudioError(f"cannot load {row.describe()} (manifest {self.manifest}, line {row.line}): {e}") from e
+
+    def load_features(self, index: int) -> torch.Tensor:
+        """(T, F) normalised fbank of one clip; raises AudioError naming the file and manifest line."""
+        wave, sr = self.load_wave(index)
         mono = to_mono_16k(wave, sr, self.features.sample_rate)
         return waveform_to_features(mono, self.features.sample_rate, self.features)
 
+    def _replacement(self, index: int, first_error: AudioError) -> tuple[int, torch.Tensor]:
+        """A readable clip to stand in for the unreadable ``index`` (training with ``skip``)."""
+        rng = random.Random(self._seed("replace", index))
+        for _ in range(self.MAX_REPLACEMENT_TRIES):
+            j = rng.randrange(len(self))
+            if j in self._bad:
+                continue
+            try:
+                return j, self.load_features(j)
+            except AudioError as e:
+                self._bad.add(j)
+                logger.warning("skipping bad clip: %s", e)
+        raise AudioError(
+            f"on_bad_file=skip: {first_error}; and none of {self.MAX_REPLACEMENT_TRIES} clips drawn to replace "
+            f"it could be read either: is the root folder on line 1 of {self.manifest} the right one?"
+        ) from first_error
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         try:
-            feats = self.load_features(index)
+            return {"id": index, "source": self.load_features(index).unsqueeze(0), "skipped": 0}
         except AudioError as e:
             if self.on_error == "raise":
                 raise
-            logger.warning("skipping bad clip: %s", e)
-            return {"id": index, "source": None}
-        return {"id": index, "source": feats.unsqueeze(0)}
+            if index not in self._bad:
+                self._bad.add(index)
+                logger.warning("skipping bad clip: %s", e)
+            if not self.replace_bad:
+                return {"id": index, "source": None, "skipped": 1}
+            j, feats = self._replacement(index, e)
+            return {"id": j, "source": feats.unsqueeze(0), "skipped": 1}
 
     def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        if not samples:
+            return {}  # fairseq pads uneven shards with empty batches and runs its dummy batch for them
         good = [s for s in samples if s["source"] is not None]
-        skipped = len(samples) - len(good)
+        skipped = sum(int(s.get("skipped", 0)) for s in samples)
         if not good:
-            if skipped:
-                logger.warning("all %d clips of a batch were unreadable (listed above); the batch is skipped", skipped)
-            return {}
+            # Never {}: fairseq keeps the first batch as its dummy and asserts it is non-empty.
+            logger.warning("all %d clips of a batch were unreadable (listed above)", len(samples))
+            return self.placeholder_batch(skipped)
         source = torch.stack([s["source"] for s in good])  # (B, 1, T, F)
         ids = torch.tensor([s["id"] for s in good], dtype=torch.long)
         batch: Dict[str, Any] = {"id": ids, "net_input": {"source": source}, "skipped": skipped}
         if self.mask is not None:
             batch["net_input"]["mask"] = self.compute_mask(ids, source.shape[2])
         return batch
+
+    def placeholder_batch(self, skipped: int) -> Dict[str, Any]:
+        """A batch of zero clips standing for an all-unreadable evaluation batch; the tasks count it
+        in ``skipped`` and compute nothing from it (see :func:`is_placeholder`)."""
+        source = torch.zeros(0, 1, self.features.target_length or 0, self.features.num_mel_bins)
+        return {
+            "id": torch.zeros(0, dtype=torch.long),
+            "net_input": {"source": source},
+            "skipped": skipped,
+            PLACEHOLDER: True,
+        }
 
     def compute_mask(self, ids: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Masks for ``clone_batch`` copies of each clip, seeded by (seed, epoch, clip ids).

@@ -19,7 +19,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, OmegaConf
 
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
@@ -27,7 +27,7 @@ from eat_fairseq.core.objective import ufo_loss
 from eat_fairseq.core.probe import OnlineProbe
 from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
 
-from .data import EATAudioDataset, MaskSpec
+from .data import EATAudioDataset, MaskSpec, is_placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,63 @@ def pretrain_config_from(cfg: Any) -> PretrainConfig:
 
 # --------------------------------------------------------------------------------------------------
 # task
+
+NUM_THREADS_HELP = (
+    "torch CPU threads of the training process; 0 = torch's default ($OMP_NUM_THREADS, else one per core). "
+    "On a machine shared with other jobs, 1 is often many times faster for small models"
+)
+
+
+def check_lr_schedule(task_cfg: Any) -> None:
+    """Stop at start-up, with the reason, on settings that would crash fairseq later.
+
+    fairseq's cosine scheduler (without ``lr_period_updates``; ``eat_cosine`` runs one per layer-decay
+    group) divides by ``max_update - warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
+    ZeroDivisionError at its last update. The full config is reached through the task node's root
+    (fairseq passes ``cfg.task`` of the composed config); a detached task config is not checked.
+    """
+    if not OmegaConf.is_config(task_cfg):
+        return
+    root = task_cfg._get_root()
+    sched, optim = root.get("lr_scheduler"), root.get("optimization")
+    if not OmegaConf.is_config(sched) or not OmegaConf.is_config(optim) or sched.get("_name") not in ("cosine", "eat_cosine"):
+        return
+    if (sched.get("lr_period_updates") or -1) > 0:
+        return
+    max_update, warmup = int(optim.get("max_update") or 0), int(sched.get("warmup_updates") or 0)
+    if max_update > 0 and max_update == warmup:
+        raise ValueError(
+            f"optimization.max_update ({max_update}) equals lr_scheduler.warmup_updates ({warmup}): fairseq's "
+            "cosine schedule would divide by zero at the last update. Use fewer warm-up updates (the recipes "
+            f"use about 10%, e.g. lr_scheduler.warmup_updates={max(1, max_update // 10)}) or more updates."
+        )
+
+
+def prepare_run(task_cfg: Any, from_checkpoint: bool) -> None:
+    """Start-of-training settings shared by the eat_* tasks: the schedule check and ``num_threads``.
+
+    Skipped when a task is rebuilt from a checkpoint (evaluation, loading), which must not fail on, or
+    change the process because of, how that checkpoint was trained.
+    """
+    if from_checkpoint:
+        return
+    check_lr_schedule(task_cfg)
+    threads = int(getattr(task_cfg, "num_threads", 0) or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        logger.info("torch CPU threads: %d (task.num_threads)", threads)
+
+
+CROP_HELP = (
+    "clips longer than target_length: start = their first target_length frames (release); random = a "
+    "window at a random start per epoch, drawn from (seed, epoch, manifest line) so any worker and a "
+    "resumed run draw the same one (training split only; evaluation always uses start)"
+)
+WHOLE_FILE_HELP = (
+    "decode whole files and crop after the fbank, as the release did: the cost then grows with the file "
+    "length. Default: read only the frames used (identical features for clips up to target_length "
+    "frames; for longer ones the DC offset is taken over the window, a float32-rounding difference)"
+)
 
 
 @dataclass
@@ -97,6 +154,13 @@ class EATPretrainingTaskConfig(FairseqDataclass):
                   "(two extra backward passes); 0 disables"},
     )
     max_update: int = II("optimization.max_update")
+    crop: ChoiceEnum(["start", "random"]) = field(  # type: ignore[valid-type]
+        default="start",
+        metadata={"help": CROP_HELP},
+    )
+    read_whole_file: bool = field(default=False, metadata={"help": WHOLE_FILE_HELP})
+    train_subset: str = II("dataset.train_subset")
+    num_threads: int = field(default=0, metadata={"help": NUM_THREADS_HELP})
     clone_batch: int = II("model.clone_batch")
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
@@ -106,7 +170,8 @@ class EATPretrainingTaskConfig(FairseqDataclass):
 
 class EATAudioTask(FairseqTask):
     """What every eat_* task shares: audio in (features from the task's sample_rate, target_length
-    and normalisation fields), no token dictionaries, no length limit."""
+    and normalisation fields), no token dictionaries, no length limit, and the handling of
+    placeholder batches (evaluation batches whose clips were all unreadable with on_bad_file=skip)."""
 
     def feature_config(self) -> FeatureConfig:
         return FeatureConfig(
@@ -115,6 +180,29 @@ class EATAudioTask(FairseqTask):
             norm_mean=self.cfg.norm_mean,
             norm_std=self.cfg.norm_std,
         )
+
+    def clip_options(self, split: str) -> Dict[str, Any]:
+        """Dataset settings that depend on the split: crops and replacement of bad clips only train."""
+        is_train = split == str(self.cfg.train_subset)
+        return {
+            "crop": str(self.cfg.crop) if is_train else "start",
+            "whole_file": bool(self.cfg.read_whole_file),
+            "replace_bad": is_train,
+        }
+
+    def train_step(self, sample: Any, model: Any, criterion: Any, optimizer: Any, update_num: int,
+                   ignore_grad: bool = False, **kwargs: Any):
+        if is_placeholder(sample):
+            # training datasets replace bad clips, so this is a bug, never a step from nothing
+            raise RuntimeError("a placeholder batch (all clips unreadable) reached train_step")
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+
+    def valid_step(self, sample: Any, model: Any, criterion: Any):
+        if is_placeholder(sample):
+            logging_output = {"loss": 0.0, "sample_size": 0, "nsentences": 0, "ntokens": 0,
+                              "skipped": int(sample.get("skipped", 0))}
+            return torch.zeros(()), 0, logging_output
+        return super().valid_step(sample, model, criterion)
 
     @property
     def source_dictionary(self) -> None:
@@ -138,19 +226,23 @@ class EATPretrainingTask(EATAudioTask):
         super().__init__(cfg)
         self.probe: Optional[OnlineProbe] = None
         self.last_probe: Dict[str, float] = {}
-        if cfg.probe_data:
-            self.probe = OnlineProbe(
+
+    @classmethod
+    def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
+        from_checkpoint = bool(kwargs.get("from_checkpoint", False))
+        prepare_run(cfg, from_checkpoint)
+        task = cls(cfg)
+        if cfg.probe_data and not from_checkpoint:
+            # only for training: a checkpoint loaded elsewhere must not need the probe's data folder
+            task.probe = OnlineProbe(
                 os.path.abspath(cfg.probe_data),
-                self.feature_config(),
+                task.feature_config(),
                 splits=cfg.probe_splits,
                 layer=cfg.probe_layer,
                 pooling=str(cfg.probe_pooling),
                 max_per_split=cfg.probe_max_per_split or None,
             )
-
-    @classmethod
-    def setup_task(cls, cfg: EATPretrainingTaskConfig, **kwargs: Any) -> "EATPretrainingTask":
-        return cls(cfg)
+        return task
 
     def run_probe(self, model: torch.nn.Module, num_updates: int) -> Dict[str, float]:
         """Probe the student and the teacher now; log ``probe_*`` and return them (rank 0 only)."""
@@ -191,6 +283,7 @@ class EATPretrainingTask(EATAudioTask):
             mask=mask,
             shuffle=True,
             seed=self.cfg.seed,
+            **self.clip_options(split),
         )
 
     def reduce_metrics(self, logging_outputs: List[Dict[str, Any]], criterion: Any) -> None:

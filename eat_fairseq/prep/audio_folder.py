@@ -35,8 +35,9 @@ outputs (in DEST):
   train.tsv, valid.tsv  line 1: the absolute ROOT; then one row per file, sorted by path:
                         relative/path<TAB>n_samples   (frames at the file's native sample rate)
   excluded.tsv          header "path<TAB>reason<TAB>detail", then one line per file left out;
-                        reasons: empty-file, not-audio, zero-length, read-error, non-finite,
-                        bad-name (tab/newline in the path), missing (vanished while running)
+                        reasons: empty-file, not-audio, zero-length, too-short (under one
+                        25 ms fbank frame), read-error, non-finite, bad-name (tab/newline in
+                        the path), missing (vanished while running)
 
 The valid split is chosen per file from a hash of --seed and its relative path, so it is the same on
 every run and a file never changes split when other files are added; the valid share is

@@ -25,6 +25,7 @@ import argparse
 import csv
 import hashlib
 import io
+import math
 import multiprocessing
 import os
 import sys
@@ -48,12 +49,22 @@ NOT_AUDIO = "not-audio"
 ZERO_LENGTH = "zero-length"
 READ_ERROR = "read-error"
 NON_FINITE = "non-finite"
+TOO_SHORT = "too-short"
 BAD_NAME = "bad-name"
 
 # How many frames are decoded at the start and at the end of every file. Decoding the tail catches
 # truncated compressed files whose header still promises the full length.
 PROBE_FRAMES = 1024
 TAIL_FRAMES = 256
+
+# The shortest clip that gives one Kaldi fbank frame (25 ms: 400 samples at 16 kHz). Shorter clips would
+# train as pure padding, so the preparers leave them out.
+MIN_SECONDS = 0.025
+
+
+def min_frames(samplerate: int) -> int:
+    """Fewest samples at ``samplerate`` that still give one 25 ms fbank frame after resampling to 16 kHz."""
+    return max(1, math.ceil(MIN_SECONDS * samplerate - 1e-9))
 
 
 class PrepError(Exception):
@@ -142,6 +153,12 @@ def probe_audio(path: str) -> Probe:
 
     Header-only checks (``soundfile.info``) accept files whose data is corrupt or truncated; decoding
     the first and last frames is cheap and catches most of those without reading whole files.
+    The tail is read through a second, fresh handle: libsndfile's Ogg/Vorbis decoder returns no
+    frames for a forward seek made after a read on the same handle, which made valid short OGG files
+    look undecodable. When the tail still cannot be read, the whole file is decoded once: fewer
+    frames than the header promises is a truncated file (read error), otherwise its decoded length
+    is used. Files shorter than one
+    25 ms fbank frame (:func:`min_frames`) are left out as ``too-short``.
     """
     try:
         size = os.path.getsize(path)
@@ -157,22 +174,36 @@ def probe_audio(path: str) -> Probe:
         info = sf.info(path)
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError or TypeError
         return Probe(path, reason=NOT_AUDIO, detail=_one_line(exc))
-    base = dict(frames=int(info.frames), samplerate=int(info.samplerate), channels=int(info.channels))
-    if info.frames <= 0:
+    frames, samplerate = int(info.frames), int(info.samplerate)
+    base = dict(frames=frames, samplerate=samplerate, channels=int(info.channels))
+    if frames <= 0:
         return Probe(path, **base, reason=ZERO_LENGTH, detail="0 frames")
     try:
         with sf.SoundFile(path) as f:
-            head = f.read(min(PROBE_FRAMES, info.frames), dtype="float32", always_2d=True)
-            tail = head
-            if info.frames > PROBE_FRAMES:
-                f.seek(max(0, info.frames - TAIL_FRAMES))
+            head = f.read(min(PROBE_FRAMES, frames), dtype="float32", always_2d=True)
+        tail = head
+        if frames > PROBE_FRAMES:
+            with sf.SoundFile(path) as f:
+                f.seek(max(0, frames - TAIL_FRAMES))
                 tail = f.read(TAIL_FRAMES, dtype="float32", always_2d=True)
+        if head.shape[0] > 0 and tail.shape[0] == 0:
+            # the decoder cannot seek in this file: decode it all once
+            whole = sf.read(path, dtype="float32", always_2d=True)[0]
+            if whole.shape[0] < frames:
+                return Probe(path, **base, reason=READ_ERROR,
+                             detail=f"truncated: the header promises {frames} frames, {whole.shape[0]} decode")
+            base["frames"] = frames = int(whole.shape[0])
+            head = tail = whole
     except Exception as exc:
         return Probe(path, **base, reason=READ_ERROR, detail=_one_line(exc))
     if head.shape[0] == 0 or tail.shape[0] == 0:
         return Probe(path, **base, reason=READ_ERROR, detail="no frames could be decoded")
     if not (np.isfinite(head).all() and np.isfinite(tail).all()):
         return Probe(path, **base, reason=NON_FINITE, detail="NaN or inf samples")
+    if frames < min_frames(samplerate):
+        return Probe(path, **base, reason=TOO_SHORT,
+                     detail=f"{frames} samples at {samplerate} Hz, shorter than one 25 ms fbank frame "
+                            f"({min_frames(samplerate)} samples)")
     return Probe(path, **base)
 
 

@@ -8,22 +8,42 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from eat_fairseq.prep.common import MISSING, add_common_args, probe_files, read_lines
+import numpy as np
+
+from eat_fairseq.core.clips import open_clip
+from eat_fairseq.core.manifest import FILE, SHARD, SPAN, ManifestRow, id_for_path, parse_address
+from eat_fairseq.core.shards import shard_members
+from eat_fairseq.prep.common import (
+    MISSING,
+    PROBE_FRAMES,
+    TAIL_FRAMES,
+    TOO_SHORT,
+    _one_line,
+    add_common_args,
+    probe_files,
+    progress,
+    read_lines,
+)
 
 HELP_EPILOG = """\
 checks:
-  MANIFEST  line 1 is an existing directory; every other line is relative/path<TAB>n_samples with a
-            positive integer count; no path is listed twice; every file exists, can be decoded, and
-            has exactly n_samples frames (soundfile's count at the native rate).
+  MANIFEST  line 1 is an existing directory; every other line is ADDRESS<TAB>n_samples with a
+            positive integer count; no address is listed twice; every file exists, can be decoded,
+            and has exactly n_samples frames (soundfile's count at the native rate). ADDRESS is
+            relative/path, a span path:START:LENGTH (LENGTH == n_samples, within the file), or a
+            shard row shard.zip:OFFSET:LENGTH, whose byte range must be exactly the data of one
+            stored (uncompressed) zip member, decodable, with n_samples frames.
   --labels  one line per manifest row, clip_id<TAB>label1,label2,... with a non-empty id and at least
             one label; ids are unique and match their row's file: the id is the path without its
             extension, or the file name without extension, or that name is "Y"+id or starts with
-            id+"_" (the AudioSet namings).
+            id+"_" (the AudioSet namings). A window (span row) may be named ID@START; a shard row is
+            matched through its member's name (the address it was packed from).
   --descriptors  every label used in --labels is listed in this label_descriptors.csv
             (index,label[,display_name]; a header line "index,label,..." is allowed).
 Problems are printed as FILE:LINE: message.
@@ -43,8 +63,12 @@ class Problem:
         return f"{self.path}:{self.line}: {self.message}"
 
 
-def clip_id_matches(clip_id: str, rel_path: str) -> bool:
+def clip_id_matches(clip_id: str, address: str) -> bool:
     """Whether a label line's id belongs to a manifest row's file (conventions in ``HELP_EPILOG``)."""
+    pair = id_for_path(clip_id, address)
+    if pair is None:
+        return False
+    clip_id, rel_path = pair
     name = posixpath.basename(rel_path)
     stem = name.rsplit(".", 1)[0] if "." in name else name
     no_ext = rel_path[: len(rel_path) - len(name)] + stem
@@ -114,7 +138,14 @@ def validate_manifest(
         if n is None or n <= 0:
             problems.append(Problem(lineno, mpath, f"n_samples {count!r} is not a positive integer: {rel}"))
             n = None
-        key = posixpath.normpath(rel)
+        try:
+            path, kind, offset, length = parse_address(rel)
+        except ValueError as exc:
+            problems.append(Problem(lineno, mpath, f"{exc}"))
+            continue
+        if kind == SPAN and n is not None and n != length:
+            problems.append(Problem(lineno, mpath, f"n_samples {n} differs from the span's length {length}: {rel}"))
+        key = posixpath.normpath(path) + (f":{offset}:{length}" if kind != FILE else "")
         if key in seen:
             problems.append(Problem(lineno, mpath, f"duplicate of line {seen[key]}: {rel}"))
             continue
@@ -122,16 +153,9 @@ def validate_manifest(
         rows.append((lineno, rel, n))
 
     if root_ok:
-        probes = probe_files([os.path.join(root, rel) for _, rel, _ in rows], workers=workers,
-                             quiet=quiet, desc="checking audio")
-        for (lineno, rel, n), probe in zip(rows, probes):
-            if probe.reason == MISSING:
-                problems.append(Problem(lineno, mpath, f"file not found: {rel}"))
-            elif not probe.ok:
-                problems.append(Problem(lineno, mpath, f"unreadable ({probe.reason}: {probe.detail}): {rel}"))
-            elif n is not None and probe.frames != n:
-                problems.append(Problem(lineno, mpath,
-                                        f"n_samples is {n} but the file has {probe.frames} frames: {rel}"))
+        problems += _check_audio(mpath, root, rows, workers, quiet)
+    if labels is not None:
+        _resolve_shard_members(root, rel_by_line)
 
     used_labels: dict[str, tuple[str, int]] = {}
     if labels is not None:
@@ -140,6 +164,98 @@ def validate_manifest(
         problems += _check_descriptors(os.fspath(descriptors), used_labels)
     order = {mpath: 0, os.fspath(labels) if labels is not None else "": 1}
     return sorted(problems, key=lambda p: (order.get(p.path, 2), p.line))
+
+
+def _check_audio(mpath: str, root: str, rows: list[tuple[int, str, int | None]], workers: int,
+                 quiet: bool) -> list[Problem]:
+    """Open every row's audio: whole files and the files under spans are probed once each, shard
+    rows are checked against the zip's member table and decoded."""
+    problems: list[Problem] = []
+    parsed = [(lineno, rel, n, parse_address(rel)) for lineno, rel, n in rows]
+    files = sorted({os.path.join(root, path) for _, _, _, (path, kind, _, _) in parsed if kind != SHARD})
+    probe_of = dict(zip(files, probe_files(files, workers=workers, quiet=quiet, desc="checking audio")))
+    shard_rows = [ManifestRow(os.path.join(root, path), n or 0, lineno, kind, offset, length, rel)
+                  for lineno, rel, n, (path, kind, offset, length) in parsed if kind == SHARD]
+    shard_result = dict(zip([r.line for r in shard_rows], _map(_check_shard_row, shard_rows, workers, quiet)))
+    for lineno, rel, n, (path, kind, offset, length) in parsed:
+        if kind == SHARD:
+            message, frames = shard_result[lineno]
+            if message is None and n is not None and frames != n:
+                message = f"n_samples is {n} but the member has {frames} frames: {rel}"
+            if message is not None:
+                problems.append(Problem(lineno, mpath, message))
+            continue
+        probe = probe_of[os.path.join(root, path)]
+        if probe.reason == MISSING:
+            problems.append(Problem(lineno, mpath, f"file not found: {rel}"))
+        elif probe.reason == TOO_SHORT and kind == FILE:
+            problems.append(Problem(lineno, mpath, f"too short ({probe.detail}): {rel}"))
+        elif not probe.ok and probe.reason != TOO_SHORT:
+            problems.append(Problem(lineno, mpath, f"unreadable ({probe.reason}: {probe.detail}): {rel}"))
+        elif kind == SPAN and offset + length > probe.frames:
+            problems.append(Problem(lineno, mpath, f"span ends at frame {offset + length} but the file has "
+                                                   f"{probe.frames} frames: {rel}"))
+        elif kind == FILE and n is not None and probe.frames != n:
+            problems.append(Problem(lineno, mpath, f"n_samples is {n} but the file has {probe.frames} frames: {rel}"))
+    return problems
+
+
+def _map(fn, items: list, workers: int, quiet: bool) -> list:
+    if workers <= 1 or len(items) < 2:
+        return list(progress(map(fn, items), total=len(items), desc="checking shards", quiet=quiet))
+    with multiprocessing.get_context().Pool(min(workers, len(items))) as pool:
+        return list(progress(pool.imap(fn, items, chunksize=16), total=len(items), desc="checking shards",
+                             quiet=quiet))
+
+
+def _check_shard_row(row: ManifestRow) -> tuple[str | None, int]:
+    """(problem or None, frames): the byte range must be one stored member's data, and decode."""
+    if not os.path.isfile(row.path):
+        return f"shard not found: {row.rel}", 0
+    try:
+        member = shard_members(row.path).get(row.offset)
+    except Exception as exc:  # zipfile.BadZipFile, OSError, struct errors
+        return f"not a readable zip ({_one_line(exc)}): {row.rel}", 0
+    if member is None:
+        return f"offset {row.offset} is not the start of a member's data in the shard: {row.rel}", 0
+    if not member.stored:
+        return f"member {member.name} is compressed; rows can only address stored members: {row.rel}", 0
+    if member.length != row.length:
+        return f"length {row.length} but member {member.name} holds {member.length} bytes: {row.rel}", 0
+    try:
+        with open_clip(row) as clip:
+            head = clip.read(0, min(PROBE_FRAMES, clip.frames))
+            frames = clip.frames
+        tail = head
+        if frames > PROBE_FRAMES:
+            # a fresh handle: libsndfile 1.2 returns no frames when an Ogg file that has already been
+            # read is seeked close to its end
+            with open_clip(row) as clip:
+                tail = clip.read(max(0, frames - TAIL_FRAMES), TAIL_FRAMES)
+    except Exception as exc:
+        return f"unreadable member {member.name} ({_one_line(exc)}): {row.rel}", 0
+    if head.shape[0] == 0 or tail.shape[0] == 0:
+        return f"unreadable member {member.name} (no frames could be decoded): {row.rel}", 0
+    if not (np.isfinite(head).all() and np.isfinite(tail).all()):
+        return f"member {member.name} has NaN or inf samples: {row.rel}", 0
+    return None, frames
+
+
+def _resolve_shard_members(root: str, rel_by_line: dict[int, str]) -> None:
+    """Replace shard addresses by their members' names (the packed rows' origins) for the id check;
+    rows whose member cannot be found (a problem reported by the audio check) are left out of it."""
+    for lineno, rel in list(rel_by_line.items()):
+        path, kind, offset, _ = parse_address(rel)
+        if kind != SHARD:
+            continue
+        try:
+            member = shard_members(os.path.join(root, path)).get(offset)
+        except Exception:
+            member = None  # already reported by the audio check
+        if member is not None:
+            rel_by_line[lineno] = member.name
+        else:
+            del rel_by_line[lineno]  # nothing to match the id against
 
 
 def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],

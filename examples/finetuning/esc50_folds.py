@@ -72,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="ESC-50 5-fold fine-tuning and evaluation.")
     parser.add_argument("--data-root", required=True, type=Path, help="folder with fold1..fold5 (manifests/esc50.py)")
     parser.add_argument("--pretrained", default=None, help="pre-training checkpoint (model.model_path)")
-    parser.add_argument("--save-root", default=Path("checkpoints_esc50"), type=Path)
+    parser.add_argument("--save-root", default=Path("checkpoints/finetune_esc50"), type=Path,
+                        help="one fold{k} folder per fold (default: %(default)s)")
     parser.add_argument("--folds", default="1,2,3,4,5", help="comma-separated folds")
     parser.add_argument("--config-name", default="esc50", help="config in examples/finetuning")
     parser.add_argument("--checkpoint-name", default="checkpoint_last.pt")

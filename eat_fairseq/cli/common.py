@@ -1,0 +1,66 @@
+"""What the inference console scripts share: the ``--threads`` and ``--device`` options, one-line
+error messages, and the checkpoint-refusal wording.
+
+This module imports nothing heavy at module level (torch is imported when an option is applied), so a
+script's ``--help`` answers without waiting for torch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Optional
+
+THREADS_HELP = (
+    "torch CPU threads (default: $OMP_NUM_THREADS when set, else torch's default of one per core); "
+    "on a machine shared with other jobs, 1-2 is often several times faster"
+)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def apply_threads(parser: argparse.ArgumentParser, threads: Optional[int]) -> None:
+    """Set torch's intra-op thread count (``parser.error``, exit 2, for a value below 1)."""
+    if threads is None:
+        return
+    if threads < 1:
+        parser.error(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def device_error(device: str) -> Optional[str]:
+    """Why ``device`` cannot be used here (None when it can): only cpu, cuda and cuda:N are supported."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        return f"--device must be cpu, cuda or cuda:N, got {device!r}"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"--device {device} but CUDA is not available"
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"--device {device} but only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one TSV-safe line."""
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.replace("\t", " ").split())
+
+
+def checkpoint_message(exc: BaseException) -> str:
+    """One line for a checkpoint that cannot be loaded, with the CLI's spelling of the opt-in to full
+    unpickling (the library says ``trusted=True``)."""
+    return one_line(exc).replace("load it with trusted=True", "pass --trust-checkpoint")
+
+
+def fail(prog: str, message: str, status: int) -> int:
+    """Print ``prog: error: message`` to stderr and return ``status`` (for ``return fail(...)``)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
+

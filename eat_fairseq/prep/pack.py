@@ -1,0 +1,326 @@
+"""Pack the audio of a manifest folder into uncompressed zip shards (fairseq's audio-in-zip rows).
+
+Millions of small files on a shared filesystem are slow to open and exhaust inode quotas. Packed,
+each clip is one byte range of a large zip file: a row ``shard_000.zip:OFFSET:LENGTH<TAB>n_samples``
+is read with one seek, in any data-loader worker, without reading the zip's directory.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+
+from eat_fairseq.core.manifest import FILE, SHARD, SPAN, ManifestError, ManifestRow, read_manifest
+from eat_fairseq.core.shards import shard_members
+from eat_fairseq.prep.common import (
+    PrepError,
+    add_common_args,
+    check_outputs,
+    progress,
+    read_lines,
+    run_cli,
+    write_text_atomic,
+)
+
+OUTPUT_FORMAT = """\
+input: every *.tsv manifest in MANIFEST_DIR (excluded.tsv and other files whose first line is not a
+folder are ignored); rows may be files, spans (long.wav:START:LENGTH) or shard rows.
+
+outputs (in DEST):
+  shard_000.zip, ...  uncompressed (stored) zip files of about --shard-size each; a member's name is
+                      the address of the row it came from (clips/a.wav, long.wav:START:LENGTH), so
+                      every clip's origin stays known. A clip listed in several manifests is stored
+                      once.
+  {split}.tsv         line 1: the absolute DEST; then, in the input's order,
+                      shard_NNN.zip:OFFSET:LENGTH<TAB>n_samples   (OFFSET/LENGTH: the member's data
+                      bytes in the zip; n_samples as in the input)
+  *.lbl, *.csv, *.weights   copied unchanged (they are row-aligned with the manifests)
+
+Member content: the source file's bytes unchanged (any format soundfile reads), so the features of
+every clip are identical to the loose files'. --flac stores PCM sources (wav/aiff, 8/16/24 bit) as
+FLAC of the same bit depth instead: lossless, about half the size; float and already-compressed
+sources are stored unchanged. A span (window) row is stored as its samples alone, in the source's
+sample format (WAV, or FLAC with --flac).
+Shards are assigned in manifest order before any is written, so the output does not depend on
+--workers; each shard is written to a temporary file and renamed when complete.
+Existing outputs are not overwritten without --force (exit status 2).
+exit status: 0 written, 1 no rows to pack, 2 bad arguments or outputs in the way."""
+
+SHARD_NAME = "shard_{:03d}.zip"
+_SHARD_RE = re.compile(r"^shard_\d{3,}\.zip$")
+COPIED_SUFFIXES = (".lbl", ".csv", ".weights")
+# FLAC holds integer PCM up to 24 bits; these subtypes are read as integers and stored losslessly.
+_FLAC_INT = {"PCM_S8": ("int16", "PCM_S8"), "PCM_U8": ("int16", "PCM_S8"), "PCM_16": ("int16", "PCM_16"),
+             "PCM_24": ("int32", "PCM_24")}
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # member timestamps: the same bytes on every run
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"512MiB"`` -> 536_870_912, ``"1000"`` -> 1000 (bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if match is None:
+        raise PrepError(f"cannot read the size {text!r} (examples: 2GB, 500MB, 512MiB)")
+    number, prefix, binary = match.groups()
+    base = 1024 if binary else 1000
+    size = int(float(number) * base ** " kmgt".index(prefix or " "))
+    if size <= 0:
+        raise PrepError(f"the shard size must be positive, got {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class Source:
+    """One distinct clip to store: where it comes from and its member name in the shard."""
+
+    kind: str
+    path: str
+    offset: int
+    length: int
+    name: str
+    size: int  # estimated bytes in the shard (for planning)
+
+
+@dataclass
+class PackReport:
+    dest: Path
+    splits: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    members: int = 0
+    bytes_written: int = 0
+    flac_members: int = 0
+    outputs: list[Path] = field(default_factory=list)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.splits.values())
+
+    def summary(self) -> str:
+        lines = [f"dest: {self.dest}"]
+        lines += [f"  {name}: {rows} rows" for name, rows in self.splits.items()]
+        lines.append(f"{self.members} clips in {self.shards} shard(s), {self.bytes_written / 1e9:.3f} GB"
+                     + (f" ({self.flac_members} stored as FLAC)" if self.flac_members else ""))
+        return "\n".join(lines)
+
+
+def find_manifests(manifest_dir: Path) -> list[Path]:
+    """``*.tsv`` files whose first line is a folder (not a header or data row), sorted by name."""
+    found = []
+    for path in sorted(manifest_dir.glob("*.tsv")):
+        lines = read_lines(path)
+        if lines and lines[0] and "\t" not in lines[0]:
+            found.append(path)
+    return found
+
+
+def _source(row: ManifestRow) -> Source:
+    if row.kind == FILE:
+        return Source(FILE, row.path, 0, 0, row.rel, os.path.getsize(row.path))
+    if row.kind == SHARD:
+        member = shard_members(row.path).get(row.offset)
+        if member is None or member.length != row.length:
+            raise PrepError(f"{row.rel}: no stored member with exactly this byte range in {row.path}")
+        return Source(SHARD, row.path, row.offset, row.length, member.name, row.length)
+    info = sf.info(row.path)
+    per_frame = max(1, info.channels) * 4
+    return Source(SPAN, row.path, row.offset, row.length, row.rel, 64 + row.length * per_frame)
+
+
+def _encode_frames(path: str, start: int, frames: int, flac: bool) -> tuple[bytes, bool]:
+    """Frames ``start .. start+frames`` of ``path`` as a standalone WAV/FLAC file (exact samples)."""
+    import io
+
+    with sf.SoundFile(path) as f:
+        int_plan = _FLAC_INT.get(f.subtype)
+        if int_plan is not None:
+            dtype, subtype = int_plan
+        elif f.subtype in ("PCM_32", "FLOAT", "DOUBLE") and f.format in ("WAV", "WAVEX", "AIFF"):
+            dtype, subtype = {"PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64"}[f.subtype], f.subtype
+        else:  # compressed sources: the decoded samples, as float
+            dtype, subtype = "float32", "FLOAT"
+        f.seek(start)
+        data = f.read(frames, dtype=dtype, always_2d=True)
+        if data.shape[0] != frames:
+            raise PrepError(f"{path}: only {data.shape[0]} of {frames} frames could be read from frame {start}")
+        samplerate = f.samplerate
+    use_flac = flac and int_plan is not None
+    buf = io.BytesIO()
+    if use_flac:
+        sf.write(buf, data, samplerate, format="FLAC", subtype=subtype)
+    else:
+        sf.write(buf, data, samplerate, format="WAV", subtype=subtype)
+    return buf.getvalue(), use_flac
+
+
+def _member_bytes(src: Source, flac: bool) -> tuple[bytes, bool]:
+    if src.kind == SPAN:
+        return _encode_frames(src.path, src.offset, src.length, flac)
+    with open(src.path, "rb") as f:
+        f.seek(src.offset)
+        data = f.read(src.length if src.kind == SHARD else -1)
+    if src.kind == FILE and flac:
+        info = sf.info(src.path)
+        if info.subtype in _FLAC_INT and info.format in ("WAV", "WAVEX", "AIFF"):
+            return _encode_frames(src.path, 0, info.frames, True)
+    return data, False
+
+
+def _write_shard(job: tuple[str, list[Source], bool]) -> tuple[list[tuple[int, int]], int, int]:
+    """Write one shard (temporary file, fsync, rename); return each member's data byte range."""
+    path, sources, flac = job
+    tmp = f"{path}.tmp{os.getpid()}"
+    n_flac = 0
+    try:
+        with open(tmp, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for src in sources:
+                    data, as_flac = _member_bytes(src, flac)
+                    n_flac += as_flac
+                    info = zipfile.ZipInfo(src.name, date_time=_FIXED_TIME)
+                    info.compress_type = zipfile.ZIP_STORED
+                    info.external_attr = 0o644 << 16
+                    with warnings.catch_warnings():
+                        # two manifests with different roots may list the same relative path; rows
+                        # address members by offset, so a repeated name is harmless here
+                        warnings.filterwarnings("ignore", "Duplicate name", UserWarning)
+                        archive.writestr(info, data)
+            raw.flush()
+            os.fsync(raw.fileno())
+        members = sorted(shard_members(tmp).values(), key=lambda m: m.offset)  # = the order written
+        if [m.name for m in members] != [src.name for src in sources]:
+            raise PrepError(f"{path}: the written zip does not list its members as written")
+        ranges = [(m.offset, m.length) for m in members]
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ranges, os.path.getsize(path), n_flac
+
+
+def pack_manifests(
+    manifest_dir: str | os.PathLike,
+    dest: str | os.PathLike,
+    shard_size: int = 2_000_000_000,
+    workers: int = 1,
+    force: bool = False,
+    flac: bool = False,
+    quiet: bool = True,
+) -> PackReport:
+    """Pack every manifest of ``manifest_dir`` into zip shards in ``dest`` (format: ``OUTPUT_FORMAT``).
+
+    Raises ``PrepError`` for a bad input and ``OutputExistsError`` when an output exists and
+    ``force`` is False (checked before anything is written).
+    """
+    src_dir = Path(os.path.abspath(os.fspath(manifest_dir)))
+    dest_p = Path(os.path.abspath(os.fspath(dest)))
+    if not src_dir.is_dir():
+        raise PrepError(f"manifest folder {src_dir} is not a directory")
+    if src_dir == dest_p:
+        raise PrepError("--dest must differ from the manifest folder")
+    if shard_size <= 0:
+        raise PrepError(f"the shard size must be positive, got {shard_size}")
+    manifests = find_manifests(src_dir)
+    if not manifests:
+        raise PrepError(f"no manifests (*.tsv with a root folder on line 1) in {src_dir}")
+    copied = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix in COPIED_SUFFIXES)
+    old_shards = sorted(p for p in dest_p.glob("shard_*.zip") if _SHARD_RE.match(p.name)) if dest_p.is_dir() else []
+    check_outputs([dest_p / m.name for m in manifests] + [dest_p / c.name for c in copied] + old_shards, force)
+
+    # 1. read every manifest; one Source per distinct clip, in first-seen order
+    parsed: list[tuple[Path, list[ManifestRow]]] = []
+    keys: dict[tuple[str, str, int, int], int] = {}
+    sources: list[Source] = []
+    for manifest in manifests:
+        try:
+            _, rows = read_manifest(str(manifest), check_root=True)
+        except ManifestError as e:
+            raise PrepError(str(e)) from None
+        for row in rows:
+            key = (row.kind, row.path, row.offset, row.length)
+            if key in keys:
+                continue
+            try:
+                src = _source(row)
+            except (OSError, RuntimeError, KeyError, zipfile.BadZipFile) as e:
+                raise PrepError(f"{manifest}:{row.line}: cannot read {row.describe()}: {e}") from None
+            keys[key] = len(sources)
+            sources.append(src)
+        parsed.append((manifest, rows))
+
+    # 2. plan the shards (manifest order, cut at the size limit) -- independent of --workers
+    plan: list[list[int]] = [[]]
+    filled = 0
+    for i, src in enumerate(sources):
+        if plan[-1] and filled + src.size > shard_size:
+            plan.append([])
+            filled = 0
+        plan[-1].append(i)
+        filled += src.size
+    if not sources:
+        plan = []
+
+    # 3. write the shards
+    dest_p.mkdir(parents=True, exist_ok=True)
+    for old in old_shards:  # --force: no stale shard of an earlier, larger run may remain
+        old.unlink()
+    jobs = [(str(dest_p / SHARD_NAME.format(k)), [sources[i] for i in members], flac) for k, members in enumerate(plan)]
+    report = PackReport(dest=dest_p)
+    location: dict[int, tuple[str, int, int]] = {}
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+            results = list(progress(pool.imap(_write_shard, jobs), total=len(jobs), desc="packing", quiet=quiet))
+    else:
+        results = list(progress(map(_write_shard, jobs), total=len(jobs), desc="packing", quiet=quiet))
+    for (path, _, _), members, (ranges, size, n_flac) in zip(jobs, plan, results):
+        for i, (offset, length) in zip(members, ranges):
+            location[i] = (os.path.basename(path), offset, length)
+        report.outputs.append(Path(path))
+        report.bytes_written += size
+        report.flac_members += n_flac
+    report.shards, report.members = len(jobs), len(sources)
+
+    # 4. the manifests (same rows, same order) and the row-aligned side files
+    for manifest, rows in parsed:
+        def lines(rows: list[ManifestRow] = rows):
+            yield f"{dest_p}\n"
+            for row in rows:
+                name, offset, length = location[keys[(row.kind, row.path, row.offset, row.length)]]
+                yield f"{name}:{offset}:{length}\t{row.num_samples}\n"
+
+        report.outputs.append(write_text_atomic(dest_p / manifest.name, lines()))
+        report.splits[manifest.stem] = len(rows)
+    for side in copied:
+        report.outputs.append(write_text_atomic(dest_p / side.name, side.read_text(encoding="utf-8")))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Pack the audio of every manifest in MANIFEST_DIR into uncompressed zip shards and write "
+                    "manifests whose rows address the shards (shard_000.zip:OFFSET:LENGTH<TAB>n_samples).",
+        epilog=OUTPUT_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder with {split}.tsv (+ .lbl, ...)")
+    parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
+    parser.add_argument("--shard-size", default="2GB", metavar="SIZE",
+                        help="target bytes per shard: 2GB, 500MB, 512MiB ... (default: %(default)s)")
+    parser.add_argument("--flac", action="store_true", help="store PCM audio as lossless FLAC (about half the size)")
+    add_common_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def action() -> PackReport:
+        return pack_manifests(args.manifest_dir, args.dest, shard_size=parse_size(args.shard_size),
+                              workers=args.workers, force=args.force, flac=args.flac, quiet=args.quiet)
+    return run_cli(action)

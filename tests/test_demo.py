@@ -1,0 +1,36 @@
+"""`make demo` (eat_fairseq.demo): the corpus-only mode the README uses, and the full demo ending with
+the training-curves plot and the list of its outputs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from eat_fairseq.demo import main as demo_main
+from helpers import run
+
+
+def test_corpus_only_writes_class_folders_and_refuses_a_used_folder(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "sounds"
+    assert demo_main(["--corpus-only", str(target), "--clips", "8"]) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["_broken", "kind0", "kind1", "kind2", "kind3"]
+    assert sum(1 for _ in target.rglob("clip*")) == 8
+    with pytest.raises(SystemExit) as exc:
+        demo_main(["--corpus-only", str(target)])
+    assert exc.value.code == 2 and "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.fairseq
+def test_demo_ends_with_the_curves_and_lists_its_outputs(tmp_path: Path) -> None:
+    pytest.importorskip("fairseq")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    printed = run([sys.executable, "-m", "eat_fairseq.demo", "--out", str(out), "--clips", "16", "--updates", "20"],
+                  cwd=tmp_path)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "checkpoints" / "tb" / "train_inner").glob("*tfevents*"))
+    listing = printed[printed.index(f"outputs in {out}"):]
+    for entry in ("corpus/", "manifests/", "checkpoints/tb/", "tensorboard --logdir", "curves.png", "eat-plot"):
+        assert entry in listing, entry

@@ -1,0 +1,101 @@
+"""eat-plot: TensorBoard event files (read without tensorboard), fairseq text logs as the fallback, one
+panel per kind of scalar (probe_* included whatever its name), and the CLI's exit status."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eat_fairseq.cli.plot import main as plot_main
+from eat_fairseq.plot import panel_of, panels, read_event_file, read_run, read_text_log
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# lines as fairseq writes them to hydra_train.log (json format: fine-tuning; simple format: pre-training)
+JSON_LOG = """\
+[2026-11-29 00:36:16,806][train_inner][INFO] - {"epoch": 1, "update": 0.077, "loss": "2.7115", "wps": "0", "num_updates": "1", "lr": "0.0002505", "gnorm": "6.284"}
+[2026-11-29 00:36:16,906][train_inner][INFO] - {"epoch": 1, "update": 0.154, "loss": "2.5", "num_updates": "2", "lr": "0.0005", "probe_acc_linear": "0.25"}
+[2026-11-29 00:36:17,066][valid][INFO] - {"epoch": 1, "valid_accuracy": "0.266667", "valid_mAP": "0.330098", "valid_auc": "0.42419", "valid_loss": "2.6455", "valid_n_eval": "15", "valid_num_updates": "2"}
+[2026-11-29 00:36:17,095][train][INFO] - {"epoch": 1, "train_loss": "2.6", "train_num_updates": "2", "train_lr": "0.0005"}
+[2026-11-29 00:36:17,097][fairseq_cli.train][INFO] - done training in 0.3 seconds
+"""
+SIMPLE_LOG = """\
+[2026-11-29 00:35:49,386][train_inner][INFO] - epoch 002:      3 / 7 loss=133.65, frame_loss=8.2117, utterance_loss=8.0506, target_var=0.9833, pred_var=0.1161, masked_pct=0.8125, num_updates=10, lr=0.00025, gnorm=48.585
+[2026-11-29 00:35:50,145][train_inner][INFO] - epoch 003:      6 / 7 loss=132.248, frame_loss=8.0791, utterance_loss=7.8543, target_var=0.9848, pred_var=0.1141, num_updates=20, lr=0.0005, probe_pos_share=0.4
+[2026-11-29 00:35:51,000][valid][INFO] - epoch 003 | valid on 'valid' subset | loss 2.6 | accuracy 0.5 | mAP 0.6 | num_updates 20
+"""
+
+
+def test_panels_are_chosen_from_names() -> None:
+    assert panel_of("loss") == panel_of("frame_loss") == panel_of("utterance_loss") == "loss"
+    assert panel_of("lr") == "learning rate"
+    assert panel_of("probe_acc_linear") == panel_of("probe_knn_accuracy") == "probe accuracy"
+    assert panel_of("probe_pos_share") == panel_of("probe_feat_spread") == "probe diagnostics"
+    assert panel_of("accuracy") == panel_of("mAP") == "validation metrics"
+    assert panel_of("wps") is None and panel_of("num_updates") is None and panel_of("something_new") is None
+
+
+def test_text_logs_json_and_simple(tmp_path: Path) -> None:
+    (tmp_path / "hydra_train.log").write_text(JSON_LOG)
+    run = read_run(str(tmp_path))
+    assert run.source == "text log"
+    assert run.series[("train_inner", "loss")] == {1: 2.7115, 2: 2.5}
+    assert run.series[("valid", "mAP")] == {2: 0.330098}
+    assert run.series[("train_inner", "probe_acc_linear")] == {2: 0.25}
+    chosen = panels(run)
+    assert ("train", "loss") not in chosen["loss"]  # the epoch average repeats train_inner
+    assert chosen["loss"] == [("train_inner", "loss"), ("valid", "loss")]
+    assert set(chosen) == {"loss", "learning rate", "validation metrics", "probe accuracy"}
+
+    simple = read_text_log(str(_write(tmp_path / "simple.log", SIMPLE_LOG)))
+    assert simple.series[("train_inner", "frame_loss")] == {10: 8.2117, 20: 8.0791}
+    assert simple.series[("train_inner", "probe_pos_share")] == {20: 0.4}
+    assert simple.series[("valid", "accuracy")] == {20: 0.5}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_tensorboard_events_are_preferred_and_plotted(tmp_path: Path) -> None:
+    tensorboardX = pytest.importorskip("tensorboardX")
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "checkpoints" / "eat_tiny"
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.proto.tensor_pb2 import TensorProto
+
+    inner = tensorboardX.SummaryWriter(str(run_dir / "tb" / "train_inner"))
+    for step in range(1, 6):
+        inner.add_scalar("loss", 10.0 / step, step)
+        inner.add_scalar("lr", 1e-4 * step, step)
+        inner.add_scalar("probe_acc_linear", 0.1 * step, step)
+        inner.add_scalar("wps", 1000.0, step)
+        # a tensor-valued scalar, as newer writers (torch.utils.tensorboard's new_style) store them
+        tensor = Summary(value=[Summary.Value(tag="probe_feat_spread", tensor=TensorProto(dtype=1, float_val=[2.0 + step]))])
+        inner._get_file_writer().add_summary(tensor, step)
+    inner.close()
+    valid = tensorboardX.SummaryWriter(str(run_dir / "tb" / "valid"))
+    valid.add_scalar("accuracy", 0.75, 5)
+    valid.close()
+    (run_dir / "hydra_train.log").write_text(JSON_LOG)  # ignored: event files come first
+
+    events = list(read_event_file(next((run_dir / "tb" / "train_inner").glob("*tfevents*")).as_posix()))
+    assert (3, "loss", pytest.approx(10.0 / 3)) in [(s, t, pytest.approx(v)) for s, t, v in events]
+    run = read_run(str(run_dir))
+    assert run.source == "tensorboard"
+    assert run.series[("train_inner", "probe_feat_spread")] == {s: pytest.approx(2.0 + s) for s in range(1, 6)}
+    assert run.series[("valid", "accuracy")] == {5: 0.75}
+
+    out = tmp_path / "curves.png"
+    assert plot_main([str(run_dir), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    assert set(panels(run)) == {"loss", "learning rate", "validation metrics", "probe accuracy", "probe diagnostics"}
+    assert plot_main([str(run_dir)]) == 0 and (run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert plot_main([str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert plot_main([str(tmp_path / "empty")]) == 1
+    assert "no training scalars found" in capsys.readouterr().err

@@ -1,0 +1,64 @@
+"""The online probe and live diagnostics of pre-training, through fairseq-hydra-train.
+
+The probe must only observe: a run with it has the same weights as a run without, and a resumed run
+with it equals a straight run without it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+from helpers import REPO, hydra_train_cmd, json_logs, make_audio_corpus, run  # noqa: E402
+from test_probe import write_tone_folder  # noqa: E402
+
+CONFIGS = REPO / "examples" / "pretraining"
+
+
+def overrides(data: Path, save: Path, max_update: int, probe: Path | None) -> list[str]:
+    out = [f"task.data={data}", f"checkpoint.save_dir={save}", f"optimization.max_update={max_update}",
+           "common.log_format=json", "common.log_interval=1", "dataset.batch_size=4",
+           "+task.diagnostics_interval_updates=2"]
+    if probe is not None:
+        out += [f"+task.probe_data={probe}", "+task.probe_interval_updates=3"]
+    return out
+
+
+def load_model_state(path: Path) -> dict:
+    import eat_fairseq  # noqa: F401  (installs the checkpoint allow-list)
+
+    return torch.load(path, map_location="cpu")["model"]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_online_probe_changes_nothing_and_resumes_exactly(tmp_path: Path) -> None:
+    data = make_audio_corpus(tmp_path / "corpus", num_clips=12)
+    probe = write_tone_folder(tmp_path / "probe", splits=2, per_class=3)
+
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    run(hydra_train_cmd(CONFIGS, "eat_tiny", overrides(data, plain, 6, None)), cwd=tmp_path)
+    # with the probe on: 4 updates, stop, resume to 6 == 6 straight without the probe
+    out = run(hydra_train_cmd(CONFIGS, "eat_tiny", overrides(data, split, 4, probe)), cwd=tmp_path)
+    logs = json_logs(out)
+    assert [int(s["num_updates"]) for s in logs] == [1, 2, 3, 4]
+    assert "probe_student_logreg" not in logs[1] and "probe_teacher_knn" in logs[2]  # from update 3 on
+    assert "probe at update 3" in out and "probe at update 4" in out  # every 3 updates and at max_update
+    for key in ("pos_share", "student_spread", "cls_spread", "utterance_term", "grad_frame", "grad_utterance",
+                "grad_utt_share"):
+        assert key in logs[-1], key
+    last = logs[-1]
+    # loss = frame term + weighted utterance term
+    assert abs(float(last["loss"]) - float(last["frame_loss"]) - float(last["utterance_term"])) < 1e-2
+    assert 0.0 <= float(last["grad_utt_share"]) <= 1.0 and 0.0 <= float(last["pos_share"]) <= 1.0
+
+    out = run(hydra_train_cmd(CONFIGS, "eat_tiny", overrides(data, split, 6, probe)), cwd=tmp_path)
+    assert "Loaded checkpoint" in out and "probe at update 6" in out
+    assert_same(load_model_state(plain / "checkpoint_last.pt"), load_model_state(split / "checkpoint_last.pt"))
