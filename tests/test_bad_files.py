@@ -114,8 +114,8 @@ def test_finetune_with_bad_first_batches_trains_and_validates(tmp_path: Path) ->
     configs = tmp_path / "configs"
     configs.mkdir()
     text = (REPO / "examples" / "finetuning" / "tiny.yaml").read_text()
-    (configs / "skip.yaml").write_text(text.replace("  _name: eat_classification\n  data: ???\n",
-                                                    "  _name: eat_classification\n  data: ???\n  on_bad_file: skip\n"))
+    assert "\n  on_bad_file: raise" in text  # the recipe lists the option (README: options work as written)
+    (configs / "skip.yaml").write_text(text.replace("\n  on_bad_file: raise", "\n  on_bad_file: skip", 1))
     assert "on_bad_file: skip" in (configs / "skip.yaml").read_text()
     out = run(hydra_train_cmd(configs, "skip", [f"task.data={data}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
                                                 "optimization.max_update=4"]), cwd=tmp_path)

@@ -321,3 +321,32 @@ def test_refusal_names_the_cli_option(tmp_path: Path, capsys: pytest.CaptureFixt
     assert extract_main(["--checkpoint", str(bad), str(tmp_path / "a.wav"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "refusing to load" in err and "--trust-checkpoint" in err and "trusted=True" not in err
+
+
+def test_extract_reads_packed_shards_and_span_rows(env: dict[str, Path], tmp_path: Path) -> None:
+    """A manifest of zip-shard rows, or of span rows, embeds exactly like the loose files it came from."""
+    from eat_fairseq.prep.pack import pack_manifests
+
+    loose_dir = tmp_path / "loose"
+    loose_dir.mkdir()
+    audio = env["audio"]
+    (loose_dir / "train.tsv").write_text(f"{audio}\na.wav\t16000\nsub/b.flac\t63945\nsub/c.wav\t4800\n")
+    pack_manifests(loose_dir, tmp_path / "packed")
+    spans = tmp_path / "spans.tsv"
+    spans.write_text(f"{audio}\nsub/b.flac:0:30000\t30000\nsub/b.flac:30000:33945\t33945\n")
+
+    outs = {}
+    for name, manifest in (("loose", loose_dir / "train.tsv"), ("packed", tmp_path / "packed" / "train.tsv"),
+                           ("spans", spans)):
+        out = tmp_path / f"emb_{name}"
+        assert extract_main(["--checkpoint", str(env["pre"]), str(manifest), "--out", str(out)]) == 0
+        stem = manifest.stem
+        outs[name] = (np.load(out / f"{stem}.npz")["utterance"],
+                      [r.split("\t")[1] for r in (out / f"{stem}.index.tsv").read_text().splitlines()[1:]])
+    assert "zip:" in (tmp_path / "packed" / "train.tsv").read_text()
+    np.testing.assert_array_equal(outs["packed"][0], outs["loose"][0])
+    assert outs["packed"][1] == outs["loose"][1] == ["a.wav", "sub/b.flac", "sub/c.wav"]  # named after the sources
+    assert outs["spans"][1] == ["sub/b@0.flac", "sub/b@30000.flac"]
+    handle = load_model(env["pre"])
+    wave, sr = sf.read(audio / "sub" / "b.flac", dtype="float32", always_2d=True)
+    np.testing.assert_allclose(outs["spans"][0][1], handle.extract(wave[30000:].T, sample_rate=sr), atol=1e-5)

@@ -21,9 +21,9 @@ CONFIGS = REPO / "examples" / "pretraining"
 def overrides(data: Path, save: Path, max_update: int, probe: Path | None) -> list[str]:
     out = [f"task.data={data}", f"checkpoint.save_dir={save}", f"optimization.max_update={max_update}",
            "common.log_format=json", "common.log_interval=1", "dataset.batch_size=4",
-           "+task.diagnostics_interval_updates=2"]
+           "task.diagnostics_interval_updates=2"]
     if probe is not None:
-        out += [f"+task.probe_data={probe}", "+task.probe_interval_updates=3"]
+        out += [f"task.probe_data={probe}", "task.probe_interval_updates=3"]
     return out
 
 

@@ -49,6 +49,8 @@ from eat_fairseq.cli.common import (
 if TYPE_CHECKING:
     import torch
 
+    from eat_fairseq.core.manifest import ManifestRow
+
     from eat_fairseq.api import EATModelHandle
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf"})
@@ -69,6 +71,8 @@ class AudioItem:
     path: str
     relative: str
     line: int = 0  # 1-based manifest line, 0 for files and folders
+    row: Optional["ManifestRow"] = None  # the manifest row (spans and shard members are read through it)
+    manifest: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,10 +85,30 @@ def manifest_items(path: str) -> list[AudioItem]:
     from eat_fairseq.core.manifest import ManifestError, read_manifest
 
     try:
-        root, rows = read_manifest(path)
+        root, rows = read_manifest(path, check_root=True)
     except (OSError, UnicodeDecodeError, ManifestError) as exc:
         raise InputError(f"{path}: cannot use manifest: {one_line(exc)}") from exc
-    return [AudioItem(row.path, os.path.relpath(row.path, root), line=row.line) for row in rows]
+    return [AudioItem(row.path, _row_name(row, root), line=row.line, row=row, manifest=path) for row in rows]
+
+
+def _row_name(row: "ManifestRow", root: str) -> str:
+    """Output name of a manifest row: the file's path below the root; a span ``long.wav:START:LEN``
+    becomes ``long@START.wav`` (the clip id training uses for windows); a shard member is named
+    after the address it was packed from (``pack.py`` names members so)."""
+    from eat_fairseq.core.manifest import FILE, SHARD, SPAN, parse_address, window_id
+    from eat_fairseq.core.shards import source_address
+
+    address = row.rel or os.path.relpath(row.path, root)
+    if row.kind == SHARD:
+        try:
+            address = source_address(row)
+        except (KeyError, OSError, ValueError):
+            pass  # unreadable shard: reported when the clip is read; keep the row's own address
+    path, kind, start, _ = parse_address(address) if row.kind != FILE else (address, FILE, 0, 0)
+    if kind == SPAN:
+        stem, ext = os.path.splitext(path)
+        return window_id(stem, start) + ext
+    return path
 
 
 def folder_files(folder: str) -> list[str]:
@@ -144,6 +168,11 @@ def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
     """
     from eat_fairseq.core.audio import AudioError
 
+    if item.row is not None and item.row.kind != "file":
+        from eat_fairseq.core.clips import read_row
+
+        wave, sr = read_row(item.row, item.manifest)
+        return handle.prepare(wave, sample_rate=sr)
     if not os.path.exists(item.path):
         raise AudioError(f"{item.path}: file not found")
     if not os.path.isfile(item.path):

@@ -430,6 +430,7 @@ class EATUFOCriterion(FairseqCriterion):
     def __init__(self, cfg: EATUFOCriterionConfig, task: FairseqTask) -> None:
         super().__init__(task)
         self.last_gradient_norms: Dict[str, float] = {}
+        self.gradient_norms_failed = False
 
     def forward(self, model: torch.nn.Module, sample: Dict[str, Any], reduce: bool = True):
         core = _unwrap(model)
@@ -462,8 +463,13 @@ class EATUFOCriterion(FairseqCriterion):
             "skipped": int(sample.get("skipped", 0)),
         }
         interval = int(getattr(getattr(self.task, "cfg", None), "diagnostics_interval_updates", 0) or 0)
-        if model.training and torch.is_grad_enabled() and interval > 0 and core.num_updates % interval == 0:
-            self.last_gradient_norms = self.gradient_norms(core, out, weight, reduction)
+        if (model.training and torch.is_grad_enabled() and interval > 0 and core.num_updates % interval == 0
+                and not self.gradient_norms_failed):
+            try:
+                self.last_gradient_norms = self.gradient_norms(core, out, weight, reduction)
+            except RuntimeError as exc:  # a diagnostic must never stop a run (e.g. an exotic wrapper)
+                self.gradient_norms_failed = True
+                logger.warning("gradient-share diagnostic disabled: %s", exc)
         if model.training and self.last_gradient_norms:
             # the latest measurement is repeated until the next one, so no log line shows a gap
             logging_output.update(self.last_gradient_norms, ngrad=1)
