@@ -6,7 +6,7 @@ budget, on a labelled set with one split per group (FSDD speakers), groups held 
 
     python benchmarks/finetune_compare.py --checkpoint runs/learning/pretrain/checkpoint_last.pt \\
         --speakers-dir /data/fsdd_speakers --out runs/finetune_compare [--folds 3] [--max-update 1500] \\
-        [--seeds 1,2] [--threads 1] [--set optimization.lr=[0.001] --set model.layer_decay=0.75]
+        [--seeds 1,2] [--threads 1] [--set optimization.lr=[0.0005] --set model.layer_decay=0.75]
 
 Fold k (k = 0 .. K-1, speakers in sorted order): test = speaker k, valid = speaker k+1 (cyclic; used only to
 pick checkpoint_best.pt), train = the other speakers. Each fold gets a data folder in OUT/data/fold{k}
