@@ -57,18 +57,20 @@ def test_tiny_pretraining_recipe_is_cpu_sized() -> None:
     assert cfg.common.cpu is True
 
 
-# name: batch (total), lr, updates, warm-up, frames, mixup prob, specaug r, loss, norm stats
+# name: batch (total), lr, updates, warm-up, frames, mixup prob, specaug r, loss, norm stats, fbank noise.
+# SpecAugment r is the authors' model.mask_ratio per script (finetuning_*.sh); fbank noise + roll is their
+# task.noise, set only in finetuning_SPCv2.sh (their finetuning.yaml has noise: false).
 FINETUNE = {
-    "as20k": (48, 5e-5, 40000, 4000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569)),
-    "as2m": (96, 5e-5, 300000, 30000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569)),
-    "esc50": (48, 5e-5, 4000, 400, 512, 0.0, 0.2, "ce", (-6.627, 5.359)),
-    "spc2": (256, 2e-4, 40000, 4000, 128, 0.9, 0.1, "bce", (-6.846, 5.565)),
+    "as20k": (48, 5e-5, 40000, 4000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569), False),
+    "as2m": (96, 5e-5, 300000, 30000, 1024, 0.9, 0.2, "bce_positive_norm", (-4.268, 4.569), False),
+    "esc50": (48, 5e-5, 4000, 400, 512, 0.0, 0.4, "ce", (-6.627, 5.359), False),
+    "spc2": (256, 2e-4, 40000, 4000, 128, 0.9, 0.2, "bce", (-6.846, 5.565), True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FINETUNE))
 def test_finetuning_recipes_match_reference(name) -> None:
-    batch, lr, updates, warmup, frames, mixup_p, spec_r, loss, (mean, std) = FINETUNE[name]
+    batch, lr, updates, warmup, frames, mixup_p, spec_r, loss, (mean, std), noise = FINETUNE[name]
     cfg = load(FT / f"{name}.yaml")
     world = cfg.get("distributed_training", {}).get("distributed_world_size", 1)
     assert cfg.dataset.batch_size * world * cfg.optimization.get("update_freq", [1])[0] == batch
@@ -79,6 +81,7 @@ def test_finetuning_recipes_match_reference(name) -> None:
     assert list(cfg.optimizer.adam_betas) == [0.9, 0.95] and cfg.optimizer.weight_decay == 0.05
     assert cfg.task.target_length == frames
     assert (cfg.task.norm_mean, cfg.task.norm_std) == (mean, std)
+    assert cfg.task.noise_and_roll is noise and cfg.task.roll_and_gain is True
     assert cfg.criterion.loss == loss and cfg.criterion.mixup_prob == mixup_p
     assert cfg.criterion.specaug_freq_ratio == cfg.criterion.specaug_time_ratio == spec_r
     if mixup_p:
@@ -88,6 +91,23 @@ def test_finetuning_recipes_match_reference(name) -> None:
     if name == "as2m":
         assert cfg.task.balanced_sampling is True and cfg.task.samples_per_epoch == 200000
     assert cfg.model.drop_path_rate == 0.1 and cfg.model.layer_decay == 0.65
+
+
+def test_spc2_bce_targets_are_not_smoothed_as_the_release() -> None:
+    """The authors' SPC-2 script sets ``model.label_smoothing=0.1``, but their mixup builds the BCE
+    targets as ``lam * y + (1 - lam) * y.flip(0)`` and never uses it; our ``bce`` must not smooth either."""
+    import torch
+    import torch.nn.functional as F
+
+    from eat_fairseq.core.finetune_losses import finetune_loss
+
+    cfg = load(FT / "spc2.yaml")
+    logits = torch.randn(4, 35, generator=torch.Generator().manual_seed(0))
+    hot = F.one_hot(torch.tensor([0, 3, 7, 34]), 35).float()
+    mixed = 0.7 * hot + 0.3 * hot.flip(0)
+    loss, size = finetune_loss(cfg.criterion.loss, logits, mixed, cfg.criterion.get("label_smoothing", 0.1))
+    expected = F.binary_cross_entropy_with_logits(logits, mixed, reduction="sum")
+    assert size.item() == 4 and loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,343 @@
+"""Does pre-training help fine-tuning? Fine-tune from a pre-trained checkpoint and from scratch at equal
+budget, on a labelled set with one split per group (FSDD speakers), groups held out.
+
+    # once: FSDD with one split per speaker (george, jackson, lucas, nicolas, theo, yweweler; 500 clips each)
+    python manifests/fsdd.py ../shared/data/fsdd/recordings --dest /data/fsdd_speakers --split-by speaker
+
+    python benchmarks/finetune_compare.py --checkpoint runs/learning/pretrain/checkpoint_last.pt \\
+        --speakers-dir /data/fsdd_speakers --out runs/finetune_compare [--folds 3] [--max-update 1500] \\
+        [--seeds 1,2] [--threads 1] [--set optimization.lr=[0.0005] --set model.layer_decay=0.75]
+
+Fold k (k = 0 .. K-1, speakers in sorted order): test = speaker k, valid = speaker k+1 (cyclic; used only to
+pick checkpoint_best.pt), train = the other speakers. Each fold gets a data folder in OUT/data/fold{k}
+(symlinks to the valid/test manifests and labels, a concatenated train manifest; no audio is copied).
+
+Per fold and seed, two runs of ``fairseq-hydra-train`` with the recipe (default
+examples/fsdd/finetune_small.yaml) and IDENTICAL overrides, apart from ``model.model_path``:
+``pretrained`` (the checkpoint's student encoder) and ``scratch`` (``model.model_path=null``, random init).
+Both get the checkpoint's encoder shape (embed_dim, depth, heads, ...) and its pre-training features
+(sample rate, target_length, norm_mean/norm_std), the same ``--max-update`` (warm-up 10% unless ``--set``
+gives one) and every ``--set`` override. Then eat-evaluate's ``evaluate`` (in this process) scores
+checkpoint_best.pt on the test speaker.
+
+Prints per fold the test accuracy of both arms (mean over seeds) and the difference, then the mean +- std
+over folds (sample std, ddof 1) and the mean +- std of the per-fold differences; writes OUT/results.json.
+Finished runs are reused when their command line is unchanged (OUT/fold{k}/seed{s}/{arm}/result.json), so
+an interrupted comparison resumes; ``--fresh`` reruns everything. Each run's checkpoints, TensorBoard logs
+(``eat-plot OUT/fold0/seed1/scratch/checkpoints``) and per-class AP sit in its folder; the ``.pt`` files are
+deleted after evaluation unless ``--keep-checkpoints``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from learning import ROOT, _run, _tool, _user_dir  # noqa: E402  (shared subprocess helpers)
+
+ARMS = ("pretrained", "scratch")
+DEFAULT_RECIPE = os.path.join(ROOT, "examples", "fsdd", "finetune_small.yaml")
+# the encoder's shape: taken from the checkpoint for both arms (regularisation stays the recipe's)
+REGULARISATION_FIELDS = ("drop_path_rate", "dropout", "attn_dropout")
+FEATURE_FIELDS = ("sample_rate", "target_length", "norm_mean", "norm_std")
+# set by this script for every run; --set may not change them (the comparison would no longer be fair
+# or the run would land elsewhere)
+CONTROLLED_KEYS = ("task.data", "model.model_path", "checkpoint.save_dir", "common.seed", "common.user_dir",
+                   "optimization.max_update", "dataset.train_subset", "dataset.valid_subset", "task.num_threads")
+
+
+class CompareError(Exception):
+    """A bad argument or input; the message says which."""
+
+
+def pretrained_settings(checkpoint: str) -> dict[str, dict[str, Any]]:
+    """``{"arch": {...}, "features": {...}}`` of a pre-training checkpoint of ours: the encoder's shape
+    (from its tensors and cfg, as ``eat_fairseq.api.load_model`` reads it) and its task's feature settings."""
+    from eat_fairseq.api import load_model
+    from eat_fairseq.core.checkpoint import CheckpointError, load_checkpoint
+    from eat_fairseq.core.convert import ConversionError, detect_source
+
+    try:
+        fmt, kind = detect_source(load_checkpoint(checkpoint))
+        if (fmt, kind) != ("eat", "pretrained"):
+            raise CompareError(f"{checkpoint}: a {fmt} {kind} checkpoint; fine-tuning starts from a pre-training "
+                               "checkpoint of ours (convert a released file with eat-convert first)")
+        handle = load_model(checkpoint)
+    except (CheckpointError, ConversionError, OSError) as exc:
+        raise CompareError(str(exc)) from None
+    enc, feat = handle.encoder.cfg, handle.feature_cfg
+    arch = {f.name: getattr(enc, f.name) for f in dataclasses.fields(enc) if f.name not in REGULARISATION_FIELDS}
+    features = {name: getattr(feat, name) for name in FEATURE_FIELDS}
+    return {"arch": arch, "features": features}
+
+
+def fold_plan(speakers: Sequence[str], folds: int) -> list[dict[str, Any]]:
+    """Fold k: test = speakers[k], valid = speakers[k+1] (cyclic), train = the rest, in sorted order."""
+    names = sorted(speakers)
+    if len(names) < 3:
+        raise CompareError(f"need at least 3 speaker splits (train, valid, test), found {names}")
+    if not 1 <= folds <= len(names):
+        raise CompareError(f"--folds must be between 1 and {len(names)} (one per speaker), got {folds}")
+    plan = []
+    for k in range(folds):
+        test, valid = names[k], names[(k + 1) % len(names)]
+        plan.append({"fold": k, "test": test, "valid": valid, "train": [s for s in names if s not in (test, valid)]})
+    return plan
+
+
+def speaker_splits(speakers_dir: str) -> list[str]:
+    """Labelled splits (``{name}.tsv`` + ``{name}.lbl``) of the folder; ``label_descriptors.csv`` is required."""
+    from eat_fairseq.core.probe import available_splits
+
+    if not os.path.isdir(speakers_dir):
+        raise CompareError(f"--speakers-dir {speakers_dir}: not a folder")
+    if not os.path.isfile(os.path.join(speakers_dir, "label_descriptors.csv")):
+        raise CompareError(f"--speakers-dir {speakers_dir}: no label_descriptors.csv")
+    return available_splits(speakers_dir)
+
+
+def write_fold_data(speakers_dir: str, fold: dict[str, Any], dest: str) -> str:
+    """The fold's data folder: train.tsv/.lbl concatenated from the train speakers (paths rewritten
+    against their common root), valid/test and label_descriptors.csv as symlinks. Rebuilt every time
+    (it is derived from ``speakers_dir``)."""
+    from eat_fairseq.core.manifest import read_manifest
+    from eat_fairseq.prep.common import read_lines, write_manifest, write_text_atomic
+
+    src = os.path.abspath(speakers_dir)
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    os.makedirs(dest)
+    rows: list[tuple[str, int]] = []
+    labels: list[str] = []
+    for name in fold["train"]:
+        _, manifest_rows = read_manifest(os.path.join(src, f"{name}.tsv"))
+        rows += [(os.path.abspath(r.path), r.num_samples) for r in manifest_rows]
+        labels += [line for line in read_lines(os.path.join(src, f"{name}.lbl")) if line.strip()]
+    root = os.path.commonpath([os.path.dirname(p) for p, _ in rows])
+    write_manifest(Path(dest, "train.tsv"), root, ((os.path.relpath(p, root), n) for p, n in rows))
+    write_text_atomic(Path(dest, "train.lbl"), "".join(f"{line}\n" for line in labels))
+    for split in ("valid", "test"):
+        for ext in ("tsv", "lbl"):
+            os.symlink(os.path.join(src, f"{fold[split]}.{ext}"), os.path.join(dest, f"{split}.{ext}"))
+    os.symlink(os.path.join(src, "label_descriptors.csv"), os.path.join(dest, "label_descriptors.csv"))
+    return dest
+
+
+def _hydra_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def shared_overrides(settings: dict[str, dict[str, Any]], max_update: int, user_set: Sequence[str]) -> list[str]:
+    """Overrides both arms get: the checkpoint's encoder shape and features, the budget, then ``--set``."""
+    for item in user_set:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if "=" not in item or key in CONTROLLED_KEYS or key in {f"model.{k}" for k in settings["arch"]} \
+                or key in {f"task.{k}" for k in settings["features"]}:
+            raise CompareError(f"--set {item!r}: expected KEY=VALUE for a key this script does not set itself "
+                               "(the data, checkpoint, seed, budget, encoder shape and features are fixed per run)")
+    # "++": set the key whether or not the recipe names it
+    out = [f"++model.{k}={_hydra_value(v)}" for k, v in settings["arch"].items()]
+    out += [f"++task.{k}={_hydra_value(v)}" for k, v in settings["features"].items()]
+    out.append(f"optimization.max_update={max_update}")
+    if not any(item.split("=", 1)[0].lstrip("+~") == "lr_scheduler.warmup_updates" for item in user_set):
+        out.append(f"++lr_scheduler.warmup_updates={max(1, max_update // 10)}")
+    return out + list(user_set)
+
+
+def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, shared: list[str], seed: int,
+            env: dict[str, str]) -> dict[str, Any]:
+    """Fine-tune one arm and evaluate its checkpoint_best.pt on the test split (reuses a finished run
+    with the same command)."""
+    recipe = os.path.abspath(args.recipe)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    model_path = os.path.abspath(args.checkpoint) if arm == "pretrained" else "null"
+    cmd = [
+        _tool("fairseq-hydra-train"), "--config-dir", os.path.dirname(recipe),
+        "--config-name", os.path.splitext(os.path.basename(recipe))[0],
+        f"task.data={data_dir}", f"common.user_dir={_user_dir()}", f"checkpoint.save_dir={ckpt_dir}",
+        f"common.seed={seed}", f"task.num_threads={env['OMP_NUM_THREADS']}", *shared, f"model.model_path={model_path}",
+    ]
+    result_path = os.path.join(run_dir, "result.json")
+    if not args.fresh and os.path.isfile(result_path):
+        with open(result_path, encoding="utf-8") as handle:
+            cached = json.load(handle)
+        if cached.get("command") == cmd[1:]:
+            print(f"  {arm}: reusing {result_path}", flush=True)
+            return cached
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)  # a leftover checkpoint_last.pt would be resumed
+    os.makedirs(run_dir)
+    print(f"  {arm}: fine-tuning ({run_dir}/train.log)", flush=True)
+    train_seconds = _run(cmd, os.path.join(run_dir, "train.log"), env)
+    # eat-evaluate's library function, in this process (saves a fairseq start per run)
+    from eat_fairseq.cli.evaluate import evaluate
+
+    best = os.path.join(ckpt_dir, "checkpoint_best.pt")
+    eval_start = time.perf_counter()
+    try:
+        metrics = evaluate(best, data_dir, split="test", device="cpu",
+                           out=os.path.join(run_dir, "per_class_ap_test.tsv"), progress=False)
+    except Exception as exc:  # name the run; the training log is next to it
+        raise RuntimeError(f"evaluating {best} on {data_dir}/test.tsv failed: {exc}") from exc
+    eval_seconds = time.perf_counter() - eval_start
+    result = {
+        "arm": arm, "seed": seed, "test_accuracy": metrics["accuracy"], "test_mAP": metrics["mAP"],
+        "test_clips": metrics["clips"], "best_valid_accuracy": best_valid_accuracy(os.path.join(run_dir, "train.log")),
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "command": cmd[1:],
+    }
+    if not args.keep_checkpoints:  # the TensorBoard logs in it stay
+        for name in os.listdir(ckpt_dir):
+            if name.endswith(".pt"):
+                os.remove(os.path.join(ckpt_dir, name))
+    with open(result_path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"  {arm}: test accuracy {result['test_accuracy']:.4f} (train {train_seconds:.0f} s)", flush=True)
+    return result
+
+
+def best_valid_accuracy(train_log: str) -> Optional[float]:
+    """The highest valid accuracy fairseq logged (the one checkpoint_best.pt was saved at); None if none."""
+    values = []
+    with open(train_log, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if "valid on" in line and "| accuracy " in line:
+                values.append(float(line.split("| accuracy ", 1)[1].split("|")[0].strip()))
+    return max(values) if values else None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per fold: each arm's test accuracy averaged over seeds and the difference; over folds: mean +- std."""
+    for fold in folds:
+        for arm in ARMS:
+            fold[arm] = statistics.fmean(r["test_accuracy"] for r in fold["runs"] if r["arm"] == arm)
+        fold["difference"] = fold["pretrained"] - fold["scratch"]
+    summary: dict[str, Any] = {}
+    for key in (*ARMS, "difference"):
+        mean, std = _mean_std([f[key] for f in folds])
+        summary[key] = {"mean": mean, "std": std}
+    summary["folds_pretrained_better"] = sum(f["difference"] > 0 for f in folds)
+    return summary
+
+
+def format_table(folds: list[dict[str, Any]], summary: dict[str, Any], seeds: Sequence[int]) -> str:
+    lines = [f"test accuracy (%), speakers held out; mean over seeds {','.join(map(str, seeds))}",
+             f"{'fold':<4} {'test':<10} {'valid':<10} {'pretrained':>14} {'scratch':>14} {'difference':>14}"]
+    for f in folds:
+        lines.append(f"{f['fold']:<4} {f['test']:<10} {f['valid']:<10} {100 * f['pretrained']:>14.1f} "
+                     f"{100 * f['scratch']:>14.1f} {100 * f['difference']:>+14.1f}")
+    s = summary
+    cells = [f"{100 * s[k]['mean']:{'+' if k == 'difference' else ''}.1f} +- {100 * s[k]['std']:.1f}"
+             for k in (*ARMS, "difference")]
+    lines.append(f"{'mean +- std, ' + str(len(folds)) + ' folds':<26} " + " ".join(f"{c:>14}" for c in cells))
+    lines.append(f"pretrained better on {s['folds_pretrained_better']} of {len(folds)} folds")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="pre-training checkpoint of ours (eat model)")
+    p.add_argument("--speakers-dir", required=True,
+                   help="labelled folder with one split per speaker ({name}.tsv/.lbl) and label_descriptors.csv")
+    p.add_argument("--out", required=True, help="work folder (fold data, runs, results.json)")
+    p.add_argument("--folds", type=int, default=3, help="held-out test speakers, rotating in sorted order (default 3)")
+    p.add_argument("--max-update", type=int, default=1500, help="fine-tuning updates per run, both arms (default 1500)")
+    p.add_argument("--seeds", default="1", help="comma-separated fine-tuning seeds (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every run (OMP_NUM_THREADS, task.num_threads; default: $OMP_NUM_THREADS, "
+                        "else 1)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="fine-tuning yaml (default examples/fsdd/finetune_small.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="hydra override for BOTH arms, e.g. model.layer_decay=0.75 (repeatable)")
+    p.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing their results")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole comparison; returns what results.json holds."""
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise CompareError("--seeds: no seed given")
+    if args.max_update < 1:
+        raise CompareError(f"--max-update must be >= 1, got {args.max_update}")
+    if not os.path.isfile(args.recipe):
+        raise CompareError(f"--recipe {args.recipe}: not found")
+    plan = fold_plan(speaker_splits(args.speakers_dir), args.folds)
+    settings = pretrained_settings(args.checkpoint)
+    shared = shared_overrides(settings, args.max_update, args.set)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or 1)
+    env["MKL_NUM_THREADS"] = env["OMP_NUM_THREADS"]
+    import torch
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the evaluations run in this process
+    print(f"encoder {settings['arch']}\nfeatures {settings['features']}\nshared overrides: {' '.join(shared)}", flush=True)
+
+    start = time.perf_counter()
+    folds = []
+    for fold in plan:
+        print(f"fold {fold['fold']}: test {fold['test']}, valid {fold['valid']}, train {','.join(fold['train'])}",
+              flush=True)
+        data_dir = write_fold_data(args.speakers_dir, fold, os.path.join(out, "data", f"fold{fold['fold']}"))
+        runs = []
+        for seed in seeds:
+            for arm in ARMS:
+                run_dir = os.path.join(out, f"fold{fold['fold']}", f"seed{seed}", arm)
+                runs.append(run_arm(arm, args, data_dir, run_dir, shared, seed, env))
+        folds.append({**fold, "runs": runs})
+    summary = summarize(folds)
+    table = format_table(folds, summary, seeds)
+    print("\n" + table)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "recipe": os.path.relpath(os.path.abspath(args.recipe), ROOT),
+        "speakers_dir": os.path.abspath(args.speakers_dir),
+        "max_update": args.max_update,
+        "seeds": seeds,
+        "threads": env["OMP_NUM_THREADS"],
+        "overrides": args.set,
+        "shared_overrides": shared,
+        "pretrained": settings,
+        "folds": folds,
+        "summary": summary,
+        "table": table,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"results in {out}/results.json ({result['wall_seconds'] / 60:.1f} min)")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (CompareError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, CompareError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

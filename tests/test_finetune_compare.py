@@ -1,0 +1,186 @@
+"""benchmarks/finetune_compare.py: fold plan, fold data, fair overrides, and an end-to-end run of both arms."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+pytest.importorskip("fairseq")
+
+from helpers import REPO, hydra_train_cmd, make_audio_corpus, run  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import finetune_compare as fc  # noqa: E402
+
+from eat_fairseq.core.checkpoint import load_checkpoint  # noqa: E402
+from eat_fairseq.core.convert import build_checkpoint  # noqa: E402
+from eat_fairseq.core.encoder import EncoderConfig  # noqa: E402
+from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig  # noqa: E402
+
+SCRIPT = REPO / "benchmarks" / "finetune_compare.py"
+CONFIGS_PRE = REPO / "examples" / "pretraining"
+SPEAKERS = ("carl", "anna", "bob")  # not sorted on purpose
+# feature settings unlike the recipe's (128 frames, AudioSet statistics): the runs must take the checkpoint's
+FEATURES = {"target_length": 64, "norm_mean": -5.5, "norm_std": 4.0}
+
+
+def write_speakers(root: Path, speakers=SPEAKERS, per_class: int = 4) -> Path:
+    """One labelled split per speaker: two tone classes (low / high), 0.5 s clips at 8 kHz."""
+    rng = np.random.default_rng(0)
+    audio, dest = root / "audio", root / "speakers"
+    audio.mkdir(parents=True)
+    dest.mkdir()
+    (dest / "label_descriptors.csv").write_text("0,0,low\n1,1,high\n")
+    for s in speakers:
+        tsv, lbl = [str(audio)], []
+        for c, f0 in enumerate((300.0, 1500.0)):
+            for i in range(per_class):
+                t = np.arange(4000) / 8000
+                x = 0.3 * np.sin(2 * np.pi * f0 * rng.uniform(0.9, 1.1) * t) + 0.02 * rng.standard_normal(t.size)
+                name = f"{s}_{c}_{i}"
+                sf.write(audio / f"{name}.wav", x.astype(np.float32), 8000)
+                tsv.append(f"{name}.wav\t{t.size}")
+                lbl.append(f"{name}\t{c}")
+        (dest / f"{s}.tsv").write_text("\n".join(tsv) + "\n")
+        (dest / f"{s}.lbl").write_text("\n".join(lbl) + "\n")
+    return dest
+
+
+def write_pretrained(path: Path) -> Path:
+    """A tiny pre-training checkpoint in our layout, with non-default feature settings."""
+    torch.manual_seed(0)
+    cfg = PretrainConfig.tiny()
+    torch.save(build_checkpoint("pretrained", EATPretrainingModel(cfg).state_dict(), cfg, task_overrides=FEATURES), path)
+    return path
+
+
+def test_fold_plan_rotates_deterministically() -> None:
+    names = ["theo", "george", "lucas", "jackson", "yweweler", "nicolas"]
+    plan = fc.fold_plan(names, 6)
+    ordered = sorted(names)
+    assert [f["test"] for f in plan] == ordered  # every speaker is held out once
+    for k, fold in enumerate(plan):
+        assert fold["valid"] == ordered[(k + 1) % 6] and fold["valid"] != fold["test"]
+        assert sorted(fold["train"] + [fold["test"], fold["valid"]]) == ordered
+    assert fc.fold_plan(list(reversed(names)), 3) == plan[:3]
+    for bad in (0, 7):
+        with pytest.raises(fc.CompareError, match="--folds"):
+            fc.fold_plan(names, bad)
+    with pytest.raises(fc.CompareError, match="at least 3"):
+        fc.fold_plan(["a", "b"], 1)
+
+
+def test_fold_data_concatenates_train_and_links_the_rest(tmp_path: Path) -> None:
+    speakers = write_speakers(tmp_path, speakers=("anna", "bob", "carl", "dora"), per_class=2)
+    fold = fc.fold_plan(fc.speaker_splits(str(speakers)), 1)[0]
+    assert (fold["test"], fold["valid"], fold["train"]) == ("anna", "bob", ["carl", "dora"])
+    dest = Path(fc.write_fold_data(str(speakers), fold, str(tmp_path / "fold0")))
+    lines = (dest / "train.tsv").read_text().splitlines()
+    root, rows = lines[0], [r.split("\t") for r in lines[1:]]
+    assert [Path(root, r[0]) for r in rows] == [tmp_path / "audio" / f"{s}_{c}_{i}.wav"
+                                                for s in ("carl", "dora") for c in (0, 1) for i in (0, 1)]
+    assert all(r[1] == "4000" for r in rows)
+    ids = [line.split("\t")[0] for line in (dest / "train.lbl").read_text().splitlines()]
+    assert ids == [Path(r[0]).stem for r in rows]
+    for split, speaker in (("valid", "bob"), ("test", "anna")):
+        for ext in ("tsv", "lbl"):
+            assert (dest / f"{split}.{ext}").resolve() == (speakers / f"{speaker}.{ext}").resolve()
+    assert (dest / "label_descriptors.csv").resolve() == (speakers / "label_descriptors.csv").resolve()
+    assert not list(dest.glob("*.wav"))  # no audio copied
+
+
+def test_settings_come_from_the_checkpoint_and_set_cannot_change_them(tmp_path: Path) -> None:
+    settings = fc.pretrained_settings(str(write_pretrained(tmp_path / "pre.pt")))
+    tiny = EncoderConfig.tiny()
+    assert settings["arch"]["embed_dim"] == tiny.embed_dim and settings["arch"]["depth"] == tiny.depth
+    assert settings["arch"]["num_heads"] == tiny.num_heads and "drop_path_rate" not in settings["arch"]
+    assert {k: settings["features"][k] for k in FEATURES} == FEATURES
+    shared = fc.shared_overrides(settings, 100, ["model.layer_decay=0.75"])
+    assert "++task.target_length=64" in shared and "++task.norm_mean=-5.5" in shared
+    assert "++model.embed_dim=64" in shared and "optimization.max_update=100" in shared
+    assert "++lr_scheduler.warmup_updates=10" in shared and shared[-1] == "model.layer_decay=0.75"
+    assert "++lr_scheduler.warmup_updates=10" not in fc.shared_overrides(settings, 100, ["lr_scheduler.warmup_updates=5"])
+    for bad in ("model.model_path=x", "task.norm_mean=0", "+model.depth=3", "optimization.max_update=9", "nokey"):
+        with pytest.raises(fc.CompareError, match="--set"):
+            fc.shared_overrides(settings, 100, [bad])
+
+
+def test_refuses_a_fine_tuned_checkpoint(tmp_path: Path) -> None:
+    enc = EncoderConfig.tiny()
+    from eat_fairseq.core.classifier import EATClassifier
+
+    path = tmp_path / "ft.pt"
+    torch.save(build_checkpoint("finetuned", EATClassifier(enc, 2).state_dict(), PretrainConfig(encoder=enc), 2,
+                                {"low": 0, "high": 1}), path)
+    with pytest.raises(fc.CompareError, match="pre-training checkpoint"):
+        fc.pretrained_settings(str(path))
+
+
+def _cfg_without_run_paths(path: Path) -> tuple[dict, str]:
+    cfg = json.loads(json.dumps(load_checkpoint(path)["cfg"], default=str))
+    model_path = cfg["model"].pop("model_path")
+    cfg["checkpoint"].pop("save_dir")  # and the paths inside it:
+    cfg["common"].pop("tensorboard_logdir")
+    cfg["task"].pop("per_class_ap_dir")
+    cfg.pop("job_logging_cfg", None)  # names the run's own log file
+    return cfg, model_path
+
+
+def test_end_to_end_both_arms_identical_settings(tmp_path: Path) -> None:
+    speakers = write_speakers(tmp_path)
+    pre = write_pretrained(tmp_path / "pre.pt")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--checkpoint", str(pre), "--speakers-dir", str(speakers), "--out", str(out),
+           "--folds", "1", "--max-update", "2", "--threads", "1", "--keep-checkpoints",
+           "--set", "dataset.batch_size=8"]
+    log = run(cmd, cwd=tmp_path)
+    assert "pretrained better on" in log
+    result = json.loads((out / "results.json").read_text())
+    fold = result["folds"][0]
+    assert (fold["test"], fold["valid"], fold["train"]) == ("anna", "bob", ["carl"])
+    assert sorted(r["arm"] for r in fold["runs"]) == ["pretrained", "scratch"]
+    for r in fold["runs"]:
+        assert r["test_clips"] == 8 and 0.0 <= r["test_accuracy"] <= 1.0 and r["train_seconds"] > 0
+    assert fold["difference"] == pytest.approx(fold["pretrained"] - fold["scratch"])
+    assert set(result["summary"]) >= {"pretrained", "scratch", "difference"}
+
+    runs = out / "fold0" / "seed1"
+    cfg_pre, path_pre = _cfg_without_run_paths(runs / "pretrained" / "checkpoints" / "checkpoint_best.pt")
+    cfg_scr, path_scr = _cfg_without_run_paths(runs / "scratch" / "checkpoints" / "checkpoint_best.pt")
+    assert path_pre == str(pre) and path_scr is None
+    assert cfg_pre == cfg_scr  # identical settings apart from the initialisation
+    assert {k: cfg_pre["task"][k] for k in FEATURES} == FEATURES
+    assert cfg_pre["model"]["embed_dim"] == EncoderConfig.tiny().embed_dim and cfg_pre["dataset"]["batch_size"] == 8
+    assert cfg_pre["optimization"]["max_update"] == 2
+    assert "encoder initialised from" in (runs / "pretrained" / "train.log").read_text()
+    assert "encoder initialised from" not in (runs / "scratch" / "train.log").read_text()
+
+    # the same command again reuses both finished runs
+    again = run(cmd, cwd=tmp_path)
+    assert again.count("reusing") == 2 and "fine-tuning (" not in again
+    assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
+
+
+@pytest.mark.slow
+def test_with_a_fairseq_pretrained_tiny_checkpoint(tmp_path: Path) -> None:
+    """The eat_tiny recipe trained for a few updates by fairseq-hydra-train, then both arms."""
+    pool = make_audio_corpus(tmp_path / "pool", num_clips=8)
+    run(hydra_train_cmd(CONFIGS_PRE, "eat_tiny", [f"task.data={pool}", f"checkpoint.save_dir={tmp_path / 'pre'}",
+                                                  "optimization.max_update=3", "dataset.batch_size=4"]), cwd=tmp_path)
+    speakers = write_speakers(tmp_path / "labelled")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint", str(tmp_path / "pre" / "checkpoint_last.pt"),
+                           "--speakers-dir", str(speakers), "--out", str(out), "--folds", "2", "--max-update", "2",
+                           "--seeds", "1,2", "--threads", "1"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert [f["test"] for f in result["folds"]] == ["anna", "bob"]
+    assert all(len(f["runs"]) == 4 for f in result["folds"])  # 2 seeds x 2 arms
+    assert result["pretrained"]["features"]["target_length"] == 128
+    assert not list(out.rglob("*.pt"))  # checkpoints removed after evaluation by default
