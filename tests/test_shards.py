@@ -179,3 +179,34 @@ def test_features_identical_loose_and_packed_in_datasets(corpus: Path, tmp_path:
                                       features=cfg, shuffle=False)
         assert torch.equal(got, torch.stack([loose_ft[i]["source"] for i in range(9)]))
         assert torch.cat([b["target"] for b in batches]).tolist() == [0, 1, 0, 1, 0, 1, 0, 0, 1]
+
+
+def test_plain_wav_members_skip_libsndfile_bit_identically(corpus: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """PCM-16 and float-32 WAV members are decoded with numpy (the fast path), and every read,
+    whole or windowed, equals libsndfile's on the loose file; other encodings still use libsndfile."""
+    from eat_fairseq.core import clips
+
+    dest = tmp_path / "packed"
+    pack_manifests(corpus, dest, shard_size=150_000)
+    _, packed = read_manifest(str(dest / "train.tsv"))
+    _, loose = read_manifest(str(corpus / "train.tsv"))
+    fast = []
+    original = clips._PcmClip.read
+
+    def read(self, *args):
+        fast.append(self._row.rel)
+        return original(self, *args)
+
+    monkeypatch.setattr(clips._PcmClip, "read", read)
+    for i, (a, b) in enumerate(zip(loose, packed)):
+        n = a.num_samples
+        for start, count in [(0, -1), (0, 100), (37, 1000), (n - 5, 10), (n, 3)]:
+            with clips.open_clip(a) as ca, clips.open_clip(b) as cb:
+                assert (ca.samplerate, ca.channels, ca.frames) == (cb.samplerate, cb.channels, cb.frames)
+                wa, wb = ca.read(start, count), cb.read(start, count)
+                assert wa.dtype == wb.dtype == np.float32 and np.array_equal(wa, wb), (a.rel, start, count)
+    # a.wav (PCM_16), c.wav (FLOAT), g.wav (PCM_16) and g's two span rows; not b (PCM_24), d, e, f (PCM_U8)
+    names = {b.rel: a.rel for a, b in zip(loose, packed)}
+    assert sorted({names[n] for n in fast}) == ["a.wav", "c.wav", "g.wav", "g.wav:0:16000",
+                                                f"g.wav:16000:{loose[-1].num_samples}"]
