@@ -3,18 +3,19 @@
     # once: ~4.9 h of real unlabelled audio (as root), and FSDD with one split per speaker
     python3 ../shared/tools/build_pretrain_pool.py --out /data/pool
     python manifests/audio_folder.py /data/pool/audio --dest /data/pool_manifests --valid-percent 0
+    python manifests/windows.py /data/pool_manifests --dest /data/pool_w128 --frames 128 --min-last 0.5
     python manifests/fsdd.py ../shared/data/fsdd/recordings --dest /data/fsdd_speakers --split-by speaker
 
-    python benchmarks/learning.py --pool /data/pool_manifests --probe-data /data/fsdd_speakers \\
-        --recipe examples/pretraining/eat_small.yaml --out runs/learning [--budget-minutes 60]
+    python benchmarks/learning.py --pool /data/pool_w128 --probe-data /data/fsdd_speakers \\
+        --recipe examples/pretraining/eat_small.yaml --out runs/learning --threads 2 --probe-every 600
 
 Pre-trains the recipe with ``fairseq-hydra-train`` (online probe on the same labelled set), then runs
 ``eat-probe`` on the final checkpoint: student and teacher, every layer, against the same
 architecture at random initialisation and the log-mel baseline, leave-one-split-out (one split per
 speaker: speakers are held out). Prints the probe table and a summary of the best row of each model
 and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
-syntax, for ablations); ``--finetune`` also fine-tunes from the checkpoint and from scratch at equal
-budget (see ``--finetune-help``).
+syntax, for ablations; repeat it per setting). Fine-tuning from the checkpoint against fine-tuning
+from scratch at equal budget is ``benchmarks/finetune_compare.py``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """The online probe and live diagnostics of pre-training, through fairseq-hydra-train.
 
 The probe must only observe: a run with it has the same weights as a run without, and a resumed run
-with it equals a straight run without it.
+with it equals a straight run without it. (A probe that touches the weights fails this test; one that
+draws torch random numbers would not, because fairseq reseeds torch at every update, so the random
+number generators are checked in test_probe.py::test_online_probe_only_observes.)
 """
 from __future__ import annotations
 

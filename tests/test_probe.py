@@ -142,3 +142,25 @@ def test_eat_probe_cli(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "eat_fairseq.cli.probe", "--data", str(tmp_path / "nope"),
                           "--arch", "tiny", "--random-init"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_online_probe_only_observes(tmp_path: Path) -> None:
+    """OnlineProbe.run leaves every random number generator, the encoders' modes and their weights as
+    it found them (fairseq also reseeds torch every update; numpy and Python RNGs it does not)."""
+    import random
+
+    from eat_fairseq.core.probe import OnlineProbe
+
+    folder = write_tone_folder(tmp_path, splits=2, per_class=3)
+    torch.manual_seed(0)
+    student, teacher = EATEncoder(EncoderConfig.tiny()).train(), EATEncoder(EncoderConfig.tiny()).eval()
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    probe = OnlineProbe(str(folder), FeatureConfig(target_length=128), max_per_split=2)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    out = probe.run({"student": student, "teacher": teacher})
+    assert set(out) == {f"probe_{m}_{c}" for m in ("student", "teacher") for c in ("logreg", "knn")}
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert student.training and not teacher.training
+    assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
