@@ -113,7 +113,6 @@ class _PcmClip(ClipSource):
 
     def __init__(self, fetch, layout: "_WavLayout", row: ManifestRow, where: str) -> None:
         self._fetch, self._layout, self._row, self._where = fetch, layout, row, where
-        self._first = 0
         self.frames = layout.frames
         self.samplerate = layout.samplerate
         self.channels = layout.channels
@@ -135,10 +134,10 @@ class _PcmClip(ClipSource):
 class _WavLayout:
     """Where the samples of a plain WAV are: see :func:`_wav_layout`."""
 
-    def __init__(self, channels: int, samplerate: int, dtype: str, data_offset: int, frames: int) -> None:
+    def __init__(self, channels: int, samplerate: int, dtype: str, data_offset: int, data_bytes: int) -> None:
         self.channels, self.samplerate, self.dtype = channels, samplerate, dtype
-        self.width = 2 if dtype == "<i2" else 4
-        self.data_offset, self.frames = data_offset, frames
+        self.width = np.dtype(dtype).itemsize
+        self.data_offset, self.frames = data_offset, data_bytes // (channels * self.width)
 
 
 _WAV_TAGS = {(1, 16): "<i2", (3, 32): "<f4"}  # (format tag, bits) -> sample dtype
@@ -170,9 +169,7 @@ def _wav_layout(head: bytes, member_bytes: int) -> Optional[_WavLayout]:
         elif cid == b"data":
             if fmt is None or body + size > member_bytes:
                 return None
-            channels, samplerate, dtype = fmt
-            width = 2 if dtype == "<i2" else 4
-            return _WavLayout(channels, samplerate, dtype, body, size // (channels * width))
+            return _WavLayout(*fmt, data_offset=body, data_bytes=size)
         pos = body + size + (size & 1)
     return None
 
