@@ -6,7 +6,7 @@ budget, on a labelled set with one split per group (FSDD speakers), groups held 
 
     python benchmarks/finetune_compare.py --checkpoint runs/learning/pretrain/checkpoint_last.pt \\
         --speakers-dir /data/fsdd_speakers --out runs/finetune_compare [--folds 3] [--max-update 1500] \\
-        [--seeds 1,2] [--threads 1] [--set optimization.lr=[0.0005] --set model.layer_decay=0.75]
+        [--seeds 1,2] [--threads 1] [--jobs 2] [--set optimization.lr=[0.0005] --set model.layer_decay=0.75]
 
 Fold k (k = 0 .. K-1, speakers in sorted order): test = speaker k, valid = speaker k+1 (cyclic; used only to
 pick checkpoint_best.pt), train = the other speakers. Each fold gets a data folder in OUT/data/fold{k}
@@ -26,6 +26,10 @@ Finished runs are reused when their command line is unchanged (OUT/fold{k}/seed{
 an interrupted comparison resumes; ``--fresh`` reruns everything. Each run's checkpoints, TensorBoard logs
 (``eat-plot OUT/fold0/seed1/scratch/checkpoints``) and per-class AP sit in its folder; the ``.pt`` files are
 deleted after evaluation unless ``--keep-checkpoints``.
+
+``--jobs N`` runs up to N fine-tunings at once (each with ``--threads`` threads; on a machine with C cores,
+jobs x threads <= C). Every run has its own seed, data and folder, so the results do not depend on ``--jobs``;
+the evaluations, in this process, take turns.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -154,6 +160,9 @@ def shared_overrides(settings: dict[str, dict[str, Any]], max_update: int, user_
     return out + list(user_set)
 
 
+_EVALUATE_LOCK = threading.Lock()  # --jobs: one evaluation at a time in this process
+
+
 def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, shared: list[str], seed: int,
             env: dict[str, str]) -> dict[str, Any]:
     """Fine-tune one arm and evaluate its checkpoint_best.pt on the test split (reuses a finished run
@@ -177,19 +186,20 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)  # a leftover checkpoint_last.pt would be resumed
     os.makedirs(run_dir)
-    print(f"  {arm}: fine-tuning ({run_dir}/train.log)", flush=True)
+    print(f"  {arm} seed {seed}: fine-tuning ({run_dir}/train.log)", flush=True)
     train_seconds = _run(cmd, os.path.join(run_dir, "train.log"), env)
     # eat-evaluate's library function, in this process (saves a fairseq start per run)
     from eat_fairseq.cli.evaluate import evaluate
 
     best = os.path.join(ckpt_dir, "checkpoint_best.pt")
-    eval_start = time.perf_counter()
-    try:
-        metrics = evaluate(best, data_dir, split="test", device="cpu",
-                           out=os.path.join(run_dir, "per_class_ap_test.tsv"), progress=False)
-    except Exception as exc:  # name the run; the training log is next to it
-        raise RuntimeError(f"evaluating {best} on {data_dir}/test.tsv failed: {exc}") from exc
-    eval_seconds = time.perf_counter() - eval_start
+    with _EVALUATE_LOCK:
+        eval_start = time.perf_counter()
+        try:
+            metrics = evaluate(best, data_dir, split="test", device="cpu",
+                               out=os.path.join(run_dir, "per_class_ap_test.tsv"), progress=False)
+        except Exception as exc:  # name the run; the training log is next to it
+            raise RuntimeError(f"evaluating {best} on {data_dir}/test.tsv failed: {exc}") from exc
+        eval_seconds = time.perf_counter() - eval_start
     result = {
         "arm": arm, "seed": seed, "test_accuracy": metrics["accuracy"], "test_mAP": metrics["mAP"],
         "test_clips": metrics["clips"], "best_valid_accuracy": best_valid_accuracy(os.path.join(run_dir, "train.log")),
@@ -201,7 +211,8 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
                 os.remove(os.path.join(ckpt_dir, name))
     with open(result_path, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
-    print(f"  {arm}: test accuracy {result['test_accuracy']:.4f} (train {train_seconds:.0f} s)", flush=True)
+    print(f"  {arm} seed {seed}: test accuracy {result['test_accuracy']:.4f} ({run_dir}, train {train_seconds:.0f} s)",
+          flush=True)
     return result
 
 
@@ -229,7 +240,13 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in (*ARMS, "difference"):
         mean, std = _mean_std([f[key] for f in folds])
         summary[key] = {"mean": mean, "std": std}
+    # the standard error of the mean difference: how far the mean could move with other speakers
+    summary["difference"]["sem"] = summary["difference"]["std"] / len(folds) ** 0.5
     summary["folds_pretrained_better"] = sum(f["difference"] > 0 for f in folds)
+    pairs = [(r["test_accuracy"], s["test_accuracy"]) for f in folds for r in f["runs"] for s in f["runs"]
+             if r["arm"] == "pretrained" and s["arm"] == "scratch" and r["seed"] == s["seed"]]
+    summary["runs_pretrained_better"] = sum(p > s for p, s in pairs)
+    summary["runs_compared"] = len(pairs)
     return summary
 
 
@@ -243,7 +260,9 @@ def format_table(folds: list[dict[str, Any]], summary: dict[str, Any], seeds: Se
     cells = [f"{100 * s[k]['mean']:{'+' if k == 'difference' else ''}.1f} +- {100 * s[k]['std']:.1f}"
              for k in (*ARMS, "difference")]
     lines.append(f"{'mean +- std, ' + str(len(folds)) + ' folds':<26} " + " ".join(f"{c:>14}" for c in cells))
-    lines.append(f"pretrained better on {s['folds_pretrained_better']} of {len(folds)} folds")
+    lines.append(f"pretrained better on {s['folds_pretrained_better']} of {len(folds)} folds "
+                 f"({s['runs_pretrained_better']} of {s['runs_compared']} fold-seed pairs); mean difference "
+                 f"{100 * s['difference']['mean']:+.1f}, standard error {100 * s['difference']['sem']:.1f}")
     return "\n".join(lines)
 
 
@@ -259,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of every run (OMP_NUM_THREADS, task.num_threads; default: $OMP_NUM_THREADS, "
                         "else 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="fine-tuning runs at once (default 1); keep jobs x threads <= the machine's cores")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="fine-tuning yaml (default examples/fsdd/finetune_small.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="hydra override for BOTH arms, e.g. model.layer_decay=0.75 (repeatable)")
@@ -275,6 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CompareError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
         raise CompareError("--seeds: no seed given")
+    if args.jobs < 1:
+        raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
     if args.max_update < 1:
         raise CompareError(f"--max-update must be >= 1, got {args.max_update}")
     if not os.path.isfile(args.recipe):
@@ -293,17 +316,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"encoder {settings['arch']}\nfeatures {settings['features']}\nshared overrides: {' '.join(shared)}", flush=True)
 
     start = time.perf_counter()
-    folds = []
+    tasks = []  # (fold index, seed, arm, data dir, run dir), in the order a serial run takes them
     for fold in plan:
         print(f"fold {fold['fold']}: test {fold['test']}, valid {fold['valid']}, train {','.join(fold['train'])}",
               flush=True)
         data_dir = write_fold_data(args.speakers_dir, fold, os.path.join(out, "data", f"fold{fold['fold']}"))
-        runs = []
         for seed in seeds:
             for arm in ARMS:
-                run_dir = os.path.join(out, f"fold{fold['fold']}", f"seed{seed}", arm)
-                runs.append(run_arm(arm, args, data_dir, run_dir, shared, seed, env))
-        folds.append({**fold, "runs": runs})
+                tasks.append((fold["fold"], seed, arm, data_dir,
+                              os.path.join(out, f"fold{fold['fold']}", f"seed{seed}", arm)))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_arm, arm, args, data_dir, run_dir, shared, seed, env)
+                   for _, seed, arm, data_dir, run_dir in tasks]
+        results = [f.result() for f in futures]  # the first failure (in task order) is raised
+    folds = [{**fold, "runs": [r for t, r in zip(tasks, results) if t[0] == fold["fold"]]} for fold in plan]
     summary = summarize(folds)
     table = format_table(folds, summary, seeds)
     print("\n" + table)
@@ -315,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_update": args.max_update,
         "seeds": seeds,
         "threads": env["OMP_NUM_THREADS"],
+        "jobs": args.jobs,
         "overrides": args.set,
         "shared_overrides": shared,
         "pretrained": settings,

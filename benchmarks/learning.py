@@ -12,8 +12,9 @@
 Pre-trains the recipe with ``fairseq-hydra-train`` (online probe on the same labelled set), then runs
 ``eat-probe`` on the final checkpoint: student and teacher, every layer, against the same
 architecture at random initialisation and the log-mel baseline, leave-one-split-out (one split per
-speaker: speakers are held out). Prints the probe table and a summary of the best row of each model
-and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
+speaker: speakers are held out). Prints the probe table, the best row of each model, and the best
+block of each model per pooling (a readout can lift random weights as much as trained ones: compare
+within a row), and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
 syntax, for ablations; repeat it per setting). Fine-tuning from the checkpoint against fine-tuning
 from scratch at equal budget is ``benchmarks/finetune_compare.py``.
 """
@@ -100,19 +101,32 @@ def probe(args: argparse.Namespace, ckpt: str, out: str, env: dict[str, str]) ->
     return result
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Best logistic-regression row per model kind (student / teacher / random-init / logmel)."""
+def _kind(model: str) -> str:
+    return ("logmel" if model == "logmel" else "random-init" if model.startswith("random-init")
+            else "teacher" if model.endswith(":teacher") else "student")
+
+
+def summarize(rows: list[dict[str, Any]], pooling: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Best logistic-regression row per model kind (student / teacher / random-init / logmel), over
+    every layer and pooling, or over the layers of one encoder ``pooling`` (log-mel: always its best row)."""
     best: dict[str, dict[str, Any]] = {}
     for row in rows:
-        model = row["model"]
-        kind = ("logmel" if model == "logmel" else "random-init" if model.startswith("random-init")
-                else "teacher" if model.endswith(":teacher") else "student")
+        kind = _kind(row["model"])
+        if pooling is not None and kind != "logmel" and row["pooling"] != pooling:
+            continue
         if row.get("logreg") is not None and (kind not in best or row["logreg"] > best[kind]["logreg"]):
             best[kind] = row
     return best
 
 
-def print_summary(best: dict[str, dict[str, Any]]) -> None:
+def summarize_by_pooling(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{pooling: best row per kind}`` for every encoder pooling probed: a readout that helps random
+    weights as much as trained ones (freqstd does) shows up here, where the overall best row hides it."""
+    poolings = sorted({r["pooling"] for r in rows if _kind(r["model"]) != "logmel"})
+    return {p: summarize(rows, p) for p in poolings}
+
+
+def print_summary(best: dict[str, dict[str, Any]], by_pooling: Optional[dict[str, dict[str, dict[str, Any]]]] = None) -> None:
     print("\nbest row per model (logistic regression, mean over held-out speakers):")
     for kind in ("student", "teacher", "random-init", "logmel"):
         if kind in best:
@@ -125,6 +139,19 @@ def print_summary(best: dict[str, dict[str, Any]]) -> None:
             if kind in best:
                 print(f"  {kind} - random-init: {100 * (best[kind]['logreg'] - best['random-init']['logreg']):+.1f} "
                       f"points; {kind} - log-mel: {100 * (best[kind]['logreg'] - best['logmel']['logreg']):+.1f} points")
+    if not by_pooling:
+        return
+    print("\nper readout (best block of each model with that pooling; log-mel: its best row):")
+    print(f"  {'pooling':<8} {'student':>8} {'teacher':>8} {'random':>8} {'log-mel':>8} "
+          f"{'stu-rnd':>8} {'stu-mel':>8} {'tea-rnd':>8} {'tea-mel':>8}")
+    for pooling, b in by_pooling.items():
+        acc = {k: (100 * b[k]["logreg"] if k in b else None) for k in ("student", "teacher", "random-init", "logmel")}
+        cells = [f"{v:8.1f}" if v is not None else f"{'-':>8}" for v in acc.values()]
+        for kind in ("student", "teacher"):
+            for ref in ("random-init", "logmel"):
+                ok = acc[kind] is not None and acc[ref] is not None
+                cells.append(f"{acc[kind] - acc[ref]:+8.1f}" if ok else f"{'-':>8}")
+        print(f"  {pooling:<8} " + " ".join(cells))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -139,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every step (default: inherited)")
     p.add_argument("--probe-every", type=int, default=0, help="online probe interval in updates (0: none)")
     p.add_argument("--probe-max-per-split", type=int, default=100, help="clips per split for the online probe")
-    p.add_argument("--pooling", default="cls,mean,freq", help="poolings of the final probe")
+    p.add_argument("--pooling", default="cls,mean,freq,freqstd", help="poolings of the final probe")
     p.add_argument("--no-baselines", action="store_true", help="skip the random-init and log-mel rows")
     p.add_argument("--skip-pretrain", action="store_true", help="probe an existing OUT/pretrain/checkpoint_last.pt")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hydra override for the recipe")
@@ -156,9 +183,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ckpt, seconds = pretrain(args, out, env)
     result = probe(args, ckpt, out, env)
     best = summarize(result["rows"])
+    by_pooling = summarize_by_pooling(result["rows"])
     with open(os.path.join(out, "probe.log"), encoding="utf-8") as handle:
         print(handle.read())
-    print_summary(best)
+    print_summary(best, by_pooling)
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "recipe": os.path.relpath(os.path.abspath(args.recipe), ROOT),
@@ -168,6 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "threads": env.get("OMP_NUM_THREADS"),
         "pretrain_seconds": seconds,
         "best": best,
+        "best_per_pooling": by_pooling,
         "probe": result,
     }
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:

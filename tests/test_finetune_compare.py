@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_end_to_end_both_arms_identical_settings(tmp_path: Path) -> None:
     pre = write_pretrained(tmp_path / "pre.pt")
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--checkpoint", str(pre), "--speakers-dir", str(speakers), "--out", str(out),
-           "--folds", "1", "--max-update", "2", "--threads", "1", "--keep-checkpoints",
+           "--folds", "1", "--max-update", "2", "--threads", "1", "--jobs", "2", "--keep-checkpoints",
            "--set", "dataset.batch_size=8"]
     log = run(cmd, cwd=tmp_path)
     assert "pretrained better on" in log
@@ -165,6 +166,42 @@ def test_end_to_end_both_arms_identical_settings(tmp_path: Path) -> None:
     again = run(cmd, cwd=tmp_path)
     assert again.count("reusing") == 2 and "fine-tuning (" not in again
     assert json.loads((out / "results.json").read_text())["summary"] == result["summary"]
+
+
+def test_jobs_run_at_once_and_results_land_in_their_folds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs 2 really runs two fine-tunings at once, and every result lands in its own fold, as serially."""
+    speakers = write_speakers(tmp_path, speakers=("anna", "bob", "carl", "dora"), per_class=1)
+    pre = write_pretrained(tmp_path / "pre.pt")
+    barrier = threading.Barrier(2, timeout=20)
+
+    def fake_run_arm(arm, args, data_dir, run_dir, shared, seed, env):
+        if args.jobs == 2:
+            barrier.wait()  # times out (BrokenBarrierError) unless a second run is in flight at the same time
+        test = Path(data_dir, "test.tsv").resolve().stem
+        return {"arm": arm, "seed": seed, "run_dir": run_dir,
+                "test_accuracy": (len(test) + seed + (arm == "pretrained")) / 10}
+
+    monkeypatch.setattr(fc, "run_arm", fake_run_arm)
+    results = {}
+    for jobs in (1, 2):
+        args = fc.build_parser().parse_args(["--checkpoint", str(pre), "--speakers-dir", str(speakers), "--out",
+                                             str(tmp_path / f"out{jobs}"), "--folds", "3", "--seeds", "1,2",
+                                             "--jobs", str(jobs)])
+        results[jobs] = fc.run(args)
+    for jobs, result in results.items():
+        assert result["jobs"] == jobs and [f["test"] for f in result["folds"]] == ["anna", "bob", "carl"]
+        for fold in result["folds"]:
+            assert [(r["seed"], r["arm"]) for r in fold["runs"]] == [(s, a) for s in (1, 2) for a in fc.ARMS]
+            assert all(Path(r["run_dir"]).parent.parent.name == f"fold{fold['fold']}" for r in fold["runs"])
+            assert fold["difference"] == pytest.approx(0.1)
+    assert results[1]["summary"] == results[2]["summary"]
+    summary = results[2]["summary"]
+    assert summary["runs_pretrained_better"] == summary["runs_compared"] == 6 and summary["folds_pretrained_better"] == 3
+    assert summary["difference"]["sem"] == pytest.approx(0.0, abs=1e-12)
+    assert "3 of 3 folds (6 of 6 fold-seed pairs); mean difference +10.0, standard error 0.0" in results[2]["table"]
+    with pytest.raises(fc.CompareError, match="--jobs"):
+        fc.run(fc.build_parser().parse_args(["--checkpoint", str(pre), "--speakers-dir", str(speakers), "--out",
+                                             str(tmp_path / "bad"), "--jobs", "0"]))
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
 from eat_fairseq.core.features import FeatureConfig
 from eat_fairseq.core.objective import teacher_targets
 from eat_fairseq.core.pretraining import feature_spread, positional_share
-from eat_fairseq.core.probe import (ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
+from eat_fairseq.core.probe import (_pool, ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
                                     load_probe_data, parse_splits)
 
 
@@ -125,6 +125,22 @@ def test_encoder_features_shapes_and_modes(tmp_path: Path) -> None:
     assert longer[(0, "mean")].shape == (8, 64)
     with pytest.raises(ValueError, match="at least 2"):
         parse_splits("split0", str(tmp_path))
+
+
+def test_freqstd_pooling_is_time_mean_and_std_over_real_patches() -> None:
+    """freqstd = [freq | per-column population std over the real time patches], like logmel-meanstd."""
+    torch.manual_seed(0)
+    b, h, w, d = 3, 5, 4, 6
+    x = torch.randn(b, 1 + h * w, d)
+    real = torch.tensor([5, 2, 1])
+    out = _pool(x, real, w, "freqstd")
+    assert out.shape == (b, 2 * w * d)
+    assert torch.equal(out[:, : w * d], _pool(x, real, w, "freq"))
+    grid = x[:, 1:].reshape(b, h, w, d)
+    for i, n in enumerate(real.tolist()):
+        expect = grid[i, :n].std(0, unbiased=False).reshape(-1)
+        assert torch.allclose(out[i, w * d :], expect, atol=1e-6)
+    assert torch.all(out[2, w * d :] == 0)  # one real patch: no spread
 
 
 def test_eat_probe_cli(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ patches):
 - ``mean``: the mean over patches ``(B, D)``;
 - ``freq``: per frequency column, the mean over time ``(B, W*D)``. Mean-pooling all patches throws
   away which frequency band a feature came from; keeping the W columns apart retains it.
+- ``freqstd``: per frequency column, the mean and the standard deviation over time ``(B, 2*W*D)``:
+  the same statistics as the ``logmel-meanstd`` baseline, so the two rows compare like with like.
 
 By default only time patches that hold real frames are pooled (``pool_padding=False``): a short clip
 zero-padded to the model's window would otherwise be described mostly by its padding. Log-mel rows
@@ -71,7 +73,7 @@ __all__ = [
     "available_splits",
 ]
 
-POOLINGS = ("cls", "mean", "freq")
+POOLINGS = ("cls", "mean", "freq", "freqstd")
 LOGMEL_POOLINGS = ("logmel-mean", "logmel-meanstd")
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 KNN_K = 20
@@ -214,6 +216,9 @@ def _pool(h: Tensor, real_patches: Tensor, num_freq: int, pooling: str) -> Tenso
         return col.mean(1)
     if pooling == "freq":
         return col.reshape(b, num_freq * d)
+    if pooling == "freqstd":  # population std over the real time patches, as logmel-meanstd's
+        var = ((grid - col[:, None]) ** 2 * keep[:, :, None, None]).sum(1) / keep.sum(1).clamp(min=1)[:, None, None]
+        return torch.cat([col.reshape(b, num_freq * d), var.sqrt().reshape(b, num_freq * d)], dim=1)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 

@@ -141,9 +141,10 @@ class EATPretrainingTaskConfig(FairseqDataclass):
         default=0, metadata={"help": "probe every N updates (0: only at max_update); needs probe_data"}
     )
     probe_layer: int = field(default=-1, metadata={"help": "encoder block probed (0-based; -1 the last)"})
-    probe_pooling: ChoiceEnum(["freq", "mean", "cls"]) = field(  # type: ignore[valid-type]
+    probe_pooling: ChoiceEnum(["freq", "freqstd", "mean", "cls"]) = field(  # type: ignore[valid-type]
         default="freq",
-        metadata={"help": "freq: per-frequency-column time mean (W*D); mean: mean over patches; cls: CLS token"},
+        metadata={"help": "freq: per-frequency-column time mean (W*D); freqstd: time mean and std per column "
+                          "(2*W*D); mean: mean over patches; cls: CLS token"},
     )
     probe_max_per_split: int = field(
         default=0, metadata={"help": "use at most this many clips of each probe split (0: all)"}
