@@ -21,7 +21,9 @@ gives one) and every ``--set`` override. Then eat-evaluate's ``evaluate`` (in th
 checkpoint_best.pt on the test speaker.
 
 Prints per fold the test accuracy of both arms (mean over seeds) and the difference, then the mean +- std
-over folds (sample std, ddof 1) and the mean +- std of the per-fold differences; writes OUT/results.json.
+over folds (sample std, ddof 1) and the mean +- std of the per-fold differences, and the valid accuracy of
+both arms at 1/8, 1/4, 1/2 and all of the budget (how much sooner a pre-trained start learns); writes
+OUT/results.json.
 Finished runs are reused when their command line is unchanged (OUT/fold{k}/seed{s}/{arm}/result.json), so
 an interrupted comparison resumes; ``--fresh`` reruns everything. Each run's checkpoints, TensorBoard logs
 (``eat-plot OUT/fold0/seed1/scratch/checkpoints``) and per-class AP sit in its folder; the ``.pt`` files are
@@ -182,6 +184,9 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
             cached = json.load(handle)
         if cached.get("command") == cmd[1:]:
             print(f"  {arm}: reusing {result_path}", flush=True)
+            log = os.path.join(run_dir, "train.log")
+            if "valid_curve" not in cached and os.path.isfile(log):  # a result.json of an older version
+                cached["valid_curve"] = valid_curve(log)
             return cached
     if os.path.exists(run_dir):
         shutil.rmtree(run_dir)  # a leftover checkpoint_last.pt would be resumed
@@ -203,6 +208,7 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
     result = {
         "arm": arm, "seed": seed, "test_accuracy": metrics["accuracy"], "test_mAP": metrics["mAP"],
         "test_clips": metrics["clips"], "best_valid_accuracy": best_valid_accuracy(os.path.join(run_dir, "train.log")),
+        "valid_curve": valid_curve(os.path.join(run_dir, "train.log")),
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "command": cmd[1:],
     }
     if not args.keep_checkpoints:  # the TensorBoard logs in it stay
@@ -216,14 +222,68 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
     return result
 
 
-def best_valid_accuracy(train_log: str) -> Optional[float]:
-    """The highest valid accuracy fairseq logged (the one checkpoint_best.pt was saved at); None if none."""
-    values = []
+def valid_curve(train_log: str) -> list[list[float]]:
+    """``[[num_updates, valid accuracy], ...]`` at every validation fairseq logged, in order."""
+    curve = []
     with open(train_log, encoding="utf-8", errors="replace") as handle:
         for line in handle:
-            if "valid on" in line and "| accuracy " in line:
-                values.append(float(line.split("| accuracy ", 1)[1].split("|")[0].strip()))
+            if "valid on" in line and "| accuracy " in line and "| num_updates " in line:
+                acc = float(line.split("| accuracy ", 1)[1].split("|")[0].strip())
+                curve.append([int(line.split("| num_updates ", 1)[1].split("|")[0].strip()), acc])
+    return curve
+
+
+def best_valid_accuracy(train_log: str) -> Optional[float]:
+    """The highest valid accuracy fairseq logged (the one checkpoint_best.pt was saved at); None if none."""
+    values = [acc for _, acc in valid_curve(train_log)]
     return max(values) if values else None
+
+
+def _at(curve: Sequence[Sequence[float]], update: int) -> Optional[tuple[int, float]]:
+    """``(num_updates, valid accuracy)`` of the last validation at or before ``update`` (None before the first)."""
+    values = [(int(n), acc) for n, acc in curve if n <= update]
+    return values[-1] if values else None
+
+
+def curve_summary(folds: list[dict[str, Any]], max_update: int, fractions: Sequence[float] = (0.125, 0.25, 0.5, 1.0)
+                  ) -> list[dict[str, Any]]:
+    """Valid accuracy (the valid speaker, never trained on) of both arms part-way through fine-tuning:
+    how much sooner a pre-trained start gets somewhere, which the final test accuracy does not show.
+    Per point: the mean over folds of each arm (mean over seeds), the mean difference and in how many
+    folds the pre-trained arm was ahead, at the last validation up to that point ("update" says which).
+    Points where a run has not validated yet are left out."""
+    points = []
+    for frac in fractions:
+        update = max(1, round(frac * max_update))
+        per_fold, validated_at = [], 0
+        for fold in folds:
+            arms = {}
+            for arm in ARMS:
+                vals = [_at(r.get("valid_curve") or [], update) for r in fold["runs"] if r["arm"] == arm]
+                if not vals or any(v is None for v in vals):
+                    break
+                arms[arm] = statistics.fmean(acc for _, acc in vals)
+                validated_at = max(validated_at, *(n for n, _ in vals))
+            else:
+                per_fold.append(arms)
+        if len(per_fold) != len(folds) or (points and points[-1]["update"] == validated_at):
+            continue  # not validated yet, or the same validation as the previous point
+        diffs = [f["pretrained"] - f["scratch"] for f in per_fold]
+        points.append({"update": validated_at, "pretrained": statistics.fmean(f["pretrained"] for f in per_fold),
+                       "scratch": statistics.fmean(f["scratch"] for f in per_fold),
+                       "difference": statistics.fmean(diffs), "difference_std": _mean_std(diffs)[1],
+                       "folds_pretrained_ahead": sum(d > 0 for d in diffs)})
+    return points
+
+
+def format_curve(points: list[dict[str, Any]], num_folds: int) -> str:
+    lines = ["valid accuracy (%) during fine-tuning (the valid speakers), mean over folds",
+             f"{'update':>8} {'pretrained':>11} {'scratch':>9} {'difference':>16} {'ahead':>8}"]
+    for p in points:
+        lines.append(f"{p['update']:>8} {100 * p['pretrained']:>11.1f} {100 * p['scratch']:>9.1f} "
+                     f"{100 * p['difference']:>+9.1f} +- {100 * p['difference_std']:>4.1f} "
+                     f"{p['folds_pretrained_ahead']:>3} of {num_folds}")
+    return "\n".join(lines)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -332,6 +392,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folds = [{**fold, "runs": [r for t, r in zip(tasks, results) if t[0] == fold["fold"]]} for fold in plan]
     summary = summarize(folds)
     table = format_table(folds, summary, seeds)
+    curve = curve_summary(folds, args.max_update)
+    if curve:
+        table += "\n\n" + format_curve(curve, len(folds))
     print("\n" + table)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -347,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pretrained": settings,
         "folds": folds,
         "summary": summary,
+        "valid_curve": curve,
         "table": table,
         "wall_seconds": round(time.perf_counter() - start, 1),
     }

@@ -204,6 +204,30 @@ def test_jobs_run_at_once_and_results_land_in_their_folds(tmp_path: Path, monkey
                                              str(tmp_path / "bad"), "--jobs", "0"]))
 
 
+def test_valid_curve_and_how_much_sooner(tmp_path: Path) -> None:
+    """The valid accuracy of both arms part-way through fine-tuning, read from fairseq's log lines."""
+    def log(path: Path, accs: list[float]) -> str:
+        lines = ["[2026-11-29 05:32:34,007][train][INFO] - epoch 001 | loss 2.3 | num_updates 10"]
+        for epoch, acc in enumerate(accs, 1):
+            lines.append(f"[2026-11-29 05:32:34,007][valid][INFO] - epoch {epoch:03d} | valid on 'valid' subset | "
+                         f"accuracy {acc} | mAP 0.38 | loss 2.1 | n_eval 500 | num_updates {25 * epoch}"
+                         + (f" | best_accuracy {max(accs[:epoch])}" if epoch > 1 else ""))
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    curve = fc.valid_curve(log(tmp_path / "a.log", [0.1, 0.5, 0.4, 0.9]))
+    assert curve == [[25, 0.1], [50, 0.5], [75, 0.4], [100, 0.9]]
+    assert fc.best_valid_accuracy(str(tmp_path / "a.log")) == 0.9
+    runs = [{"arm": "pretrained", "seed": 1, "valid_curve": curve},
+            {"arm": "scratch", "seed": 1, "valid_curve": fc.valid_curve(log(tmp_path / "b.log", [0.1, 0.2, 0.4, 0.8]))}]
+    points = fc.curve_summary([{"runs": runs}, {"runs": runs}], 100, fractions=(0.1, 0.5, 0.7, 1.0))
+    # 0.1 x 100 = 10 updates: no validation yet, left out; 0.7 -> the validation at 50 again, shown once
+    assert [p["update"] for p in points] == [50, 100]
+    assert points[0]["difference"] == pytest.approx(0.3) and points[0]["folds_pretrained_ahead"] == 2
+    assert points[-1]["pretrained"] == pytest.approx(0.9) and points[-1]["scratch"] == pytest.approx(0.8)
+    assert "+30.0 +-  0.0   2 of 2" in fc.format_curve(points, 2)
+
+
 @pytest.mark.slow
 def test_with_a_fairseq_pretrained_tiny_checkpoint(tmp_path: Path) -> None:
     """The eat_tiny recipe trained for a few updates by fairseq-hydra-train, then both arms."""
