@@ -277,7 +277,7 @@ def curve_summary(folds: list[dict[str, Any]], max_update: int, fractions: Seque
 
 
 def format_curve(points: list[dict[str, Any]], num_folds: int) -> str:
-    lines = ["valid accuracy (%) during fine-tuning (the valid speakers), mean over folds",
+    lines = ["valid accuracy (%) of the valid speakers while fine-tuning, mean over folds",
              f"{'update':>8} {'pretrained':>11} {'scratch':>9} {'difference':>16} {'ahead':>8}"]
     for p in points:
         lines.append(f"{p['update']:>8} {100 * p['pretrained']:>11.1f} {100 * p['scratch']:>9.1f} "
