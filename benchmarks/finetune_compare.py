@@ -205,10 +205,11 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
         except Exception as exc:  # name the run; the training log is next to it
             raise RuntimeError(f"evaluating {best} on {data_dir}/test.tsv failed: {exc}") from exc
         eval_seconds = time.perf_counter() - eval_start
+    curve = valid_curve(os.path.join(run_dir, "train.log"))
     result = {
         "arm": arm, "seed": seed, "test_accuracy": metrics["accuracy"], "test_mAP": metrics["mAP"],
-        "test_clips": metrics["clips"], "best_valid_accuracy": best_valid_accuracy(os.path.join(run_dir, "train.log")),
-        "valid_curve": valid_curve(os.path.join(run_dir, "train.log")),
+        "test_clips": metrics["clips"], "best_valid_accuracy": max((acc for _, acc in curve), default=None),
+        "valid_curve": curve,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "command": cmd[1:],
     }
     if not args.keep_checkpoints:  # the TensorBoard logs in it stay

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=PRESETS, default=None, help="architecture for --random-init without a checkpoint")
     p.add_argument("--seed", type=int, default=1, help="seed of the random initialisation (default 1)")
     p.add_argument("--layers", default="all", help="all (default), last, or block indices such as 0,3 (0-based)")
-    p.add_argument("--pooling", default="cls,mean,freq", help="comma-separated subset of cls,mean,freq,freqstd (freqstd: per-frequency time mean and std, "
-                   "the statistics of the logmel-meanstd row)")
+    p.add_argument("--pooling", default="cls,mean,freq",
+                   help="comma-separated subset of cls,mean,freq,freqstd (freqstd: per-frequency time mean and std, "
+                        "the statistics of the logmel-meanstd row)")
     p.add_argument("--no-logmel", action="store_true", help="skip the log-mel baseline rows")
     p.add_argument("--target-length", type=int, default=None,
                    help="input frames per clip (default: the checkpoint's task.target_length)")

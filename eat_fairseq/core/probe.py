@@ -210,14 +210,15 @@ def _pool(h: Tensor, real_patches: Tensor, num_freq: int, pooling: str) -> Tenso
     if pooling == "cls":
         return h[:, 0]
     grid = h[:, 1:].reshape(b, -1, num_freq, d)  # (B, H, W, D)
-    keep = (torch.arange(grid.shape[1], device=h.device)[None, :] < real_patches[:, None]).to(h.dtype)
-    col = (grid * keep[:, :, None, None]).sum(1) / keep.sum(1).clamp(min=1)[:, None, None]  # (B, W, D)
+    keep = (torch.arange(grid.shape[1], device=h.device)[None, :] < real_patches[:, None]).to(h.dtype)[:, :, None, None]
+    count = keep.sum(1).clamp(min=1)  # (B, 1, 1)
+    col = (grid * keep).sum(1) / count  # (B, W, D)
     if pooling == "mean":
         return col.mean(1)
     if pooling == "freq":
         return col.reshape(b, num_freq * d)
     if pooling == "freqstd":  # population std over the real time patches, as logmel-meanstd's
-        var = ((grid - col[:, None]) ** 2 * keep[:, :, None, None]).sum(1) / keep.sum(1).clamp(min=1)[:, None, None]
+        var = ((grid - col[:, None]) ** 2 * keep).sum(1) / count
         return torch.cat([col.reshape(b, num_freq * d), var.sqrt().reshape(b, num_freq * d)], dim=1)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 

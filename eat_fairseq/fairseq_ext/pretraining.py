@@ -24,7 +24,7 @@ from omegaconf import II, MISSING, OmegaConf
 from eat_fairseq.core.encoder import EncoderConfig
 from eat_fairseq.core.features import AUDIOSET_MEAN, AUDIOSET_STD, FeatureConfig
 from eat_fairseq.core.objective import ufo_loss
-from eat_fairseq.core.probe import OnlineProbe
+from eat_fairseq.core.probe import POOLINGS, OnlineProbe
 from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
 
 from .data import EATAudioDataset, MaskSpec, is_placeholder
@@ -141,7 +141,7 @@ class EATPretrainingTaskConfig(FairseqDataclass):
         default=0, metadata={"help": "probe every N updates (0: only at max_update); needs probe_data"}
     )
     probe_layer: int = field(default=-1, metadata={"help": "encoder block probed (0-based; -1 the last)"})
-    probe_pooling: ChoiceEnum(["freq", "freqstd", "mean", "cls"]) = field(  # type: ignore[valid-type]
+    probe_pooling: ChoiceEnum(list(POOLINGS)) = field(  # type: ignore[valid-type]
         default="freq",
         metadata={"help": "freq: per-frequency-column time mean (W*D); freqstd: time mean and std per column "
                           "(2*W*D); mean: mean over patches; cls: CLS token"},
