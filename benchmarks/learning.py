@@ -16,7 +16,8 @@ speaker: speakers are held out). Prints the probe table, the best row of each mo
 block of each model per pooling (a readout can lift random weights as much as trained ones: compare
 within a row), and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
 syntax, for ablations; repeat it per setting). Fine-tuning from the checkpoint against fine-tuning
-from scratch at equal budget is ``benchmarks/finetune_compare.py``.
+from scratch at equal budget is ``benchmarks/finetune_compare.py``; several pre-training seeds (``--seed``,
+one ``--out`` each) are combined speaker by speaker by ``benchmarks/learning_seeds.py``.
 """
 from __future__ import annotations
 
