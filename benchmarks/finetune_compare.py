@@ -208,7 +208,7 @@ def run_arm(arm: str, args: argparse.Namespace, data_dir: str, run_dir: str, sha
     curve = valid_curve(os.path.join(run_dir, "train.log"))
     result = {
         "arm": arm, "seed": seed, "test_accuracy": metrics["accuracy"], "test_mAP": metrics["mAP"],
-        "test_clips": metrics["clips"], "best_valid_accuracy": max((acc for _, acc in curve), default=None),
+        "test_clips": metrics["clips"], "best_valid_accuracy": _best(curve),
         "valid_curve": curve,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1), "command": cmd[1:],
     }
@@ -234,10 +234,14 @@ def valid_curve(train_log: str) -> list[list[float]]:
     return curve
 
 
+def _best(curve: Sequence[Sequence[float]]) -> Optional[float]:
+    """The highest valid accuracy of a curve (the one checkpoint_best.pt was saved at); None if empty."""
+    return max((acc for _, acc in curve), default=None)
+
+
 def best_valid_accuracy(train_log: str) -> Optional[float]:
-    """The highest valid accuracy fairseq logged (the one checkpoint_best.pt was saved at); None if none."""
-    values = [acc for _, acc in valid_curve(train_log)]
-    return max(values) if values else None
+    """The highest valid accuracy fairseq logged in ``train_log``; None if none."""
+    return _best(valid_curve(train_log))
 
 
 def _at(curve: Sequence[Sequence[float]], update: int) -> Optional[tuple[int, float]]:

@@ -45,6 +45,10 @@ def load_probe(path: str) -> dict[str, Any]:
     return probe
 
 
+def _splits(probe: dict[str, Any]) -> Optional[list[str]]:
+    return probe.get("settings", {}).get("splits")
+
+
 def _folds(row: dict[str, Any]) -> list[float]:
     if not row.get("logreg_folds"):
         raise ValueError(f"row {row['model']} / {row['pooling']} has no per-split accuracies (logreg_folds): "
@@ -58,11 +62,10 @@ def combine(probes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
     (its own random init and log-mel rows), then averaged over runs per split."""
     if not probes:
         raise ValueError("no runs to combine")
-    splits = probes[0].get("settings", {}).get("splits")
+    splits = _splits(probes[0])
     for probe in probes[1:]:
-        if probe.get("settings", {}).get("splits") != splits:
-            raise ValueError(f"the runs were probed on different splits: {splits} vs "
-                             f"{probe.get('settings', {}).get('splits')}")
+        if _splits(probe) != splits:
+            raise ValueError(f"the runs were probed on different splits: {splits} vs {_splits(probe)}")
     per_run = [summarize_by_pooling(p["rows"]) for p in probes]
     poolings = sorted(set.intersection(*(set(b) for b in per_run)))
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -118,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    splits = probes[0].get("settings", {}).get("splits") or []
+    splits = _splits(probes[0]) or []
     print(f"{len(probes)} runs; held-out splits: {', '.join(splits)}")
     names = [os.path.basename(os.path.normpath(r if os.path.isdir(r) else os.path.dirname(os.path.abspath(r))))
              for r in args.runs]  # the run folder names the run
