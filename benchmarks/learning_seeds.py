@@ -4,6 +4,7 @@
     python benchmarks/learning.py ... --out runs/seed1 --seed 1
     python benchmarks/learning.py ... --out runs/seed2 --seed 2
     python benchmarks/learning_seeds.py runs/seed1 runs/seed2 [--json runs/seeds.json]
+    python benchmarks/learning_seeds.py runs/change_s1 runs/change_s2 --against runs/seed1 runs/seed2
 
 Each argument is a run folder (its ``results.json``), a ``results.json`` or an ``eat-probe --json`` file,
 probed on the same held-out splits with the random-init and log-mel rows (``--seed`` of learning.py
@@ -14,6 +15,11 @@ same run's random init and minus log-mel, averaged over runs, then the mean over
 error of that mean (splits are the unit: a speaker that is hard for one seed is hard for all) and on
 how many splits it is ahead. Seed-to-seed spread and split-to-split spread are both visible, so one
 good seed cannot pass for a recipe.
+
+``--against`` compares a change with a base recipe over seeds (an ablation row): the i-th run of each
+list must share the pre-training seed; per pooling and model the change's best block minus the base's,
+per split, averaged over the seed pairs, with the same standard error over splits. A one-seed ablation
+gain smaller than the seed-to-seed spread is what this guards against.
 """
 from __future__ import annotations
 
@@ -56,16 +62,30 @@ def _folds(row: dict[str, Any]) -> list[float]:
     return row["logreg_folds"]
 
 
+def _check_splits(probes: Sequence[dict[str, Any]]) -> Optional[list[str]]:
+    splits = _splits(probes[0])
+    for probe in probes[1:]:
+        if _splits(probe) != splits:
+            raise ValueError(f"the runs were probed on different splits: {splits} vs {_splits(probe)}")
+    return splits
+
+
+def _paired_summary(diffs: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Differences per run (each a list over splits) -> averaged per split over runs, then their mean,
+    standard error over splits and the number of splits ahead."""
+    per_split = [statistics.fmean(d) for d in zip(*diffs)]
+    sem = statistics.stdev(per_split) / math.sqrt(len(per_split)) if len(per_split) > 1 else None
+    return {"per_split": per_split, "mean": statistics.fmean(per_split), "sem": sem,
+            "ahead": sum(d > 0 for d in per_split), "per_run": [statistics.fmean(d) for d in diffs]}
+
+
 def combine(probes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{pooling: {model: {"per_run", "mean", "vs": {reference: {"per_split", "mean", "sem", "ahead"}}}}}``
     over runs probed on the same splits (listed in the same order). Differences are paired within a run
     (its own random init and log-mel rows), then averaged over runs per split."""
     if not probes:
         raise ValueError("no runs to combine")
-    splits = _splits(probes[0])
-    for probe in probes[1:]:
-        if _splits(probe) != splits:
-            raise ValueError(f"the runs were probed on different splits: {splits} vs {_splits(probe)}")
+    _check_splits(probes)
     per_run = [summarize_by_pooling(p["rows"]) for p in probes]
     poolings = sorted(set.intersection(*(set(b) for b in per_run)))
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -82,12 +102,54 @@ def combine(probes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
                 if ref == model or not all(ref in b for b in bests):
                     continue
                 diffs = [[100 * (m - r) for m, r in zip(_folds(b[model]), _folds(b[ref]))] for b in bests]
-                per_split = [statistics.fmean(d) for d in zip(*diffs)]
-                sem = statistics.stdev(per_split) / math.sqrt(len(per_split)) if len(per_split) > 1 else None
-                entry["vs"][ref] = {"per_split": per_split, "mean": statistics.fmean(per_split), "sem": sem,
-                                    "ahead": sum(d > 0 for d in per_split), "per_run": [statistics.fmean(d) for d in diffs]}
+                entry["vs"][ref] = _paired_summary(diffs)
             out[pooling][model] = entry
     return out
+
+
+def compare_arms(runs: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]]
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{pooling: {model: {"mean", "against_mean", "per_split", "mean_diff"...}}}``: the change (``runs``)
+    minus the base (``against``), the i-th run of each paired (same pre-training seed), each run at its
+    best block, differences per split averaged over the pairs."""
+    if not runs or len(runs) != len(against):
+        raise ValueError(f"--against needs one base run per run, paired by seed: {len(runs)} runs, "
+                         f"{len(against)} base runs")
+    _check_splits([*runs, *against])
+    for i, (run, base) in enumerate(zip(runs, against)):
+        seeds = run.get("settings", {}).get("seed"), base.get("settings", {}).get("seed")
+        if None not in seeds and seeds[0] != seeds[1]:
+            raise ValueError(f"pair {i + 1} has different seeds ({seeds[0]} vs {seeds[1]}): list the base runs "
+                             "in the same seed order")
+    run_bests = [summarize_by_pooling(p["rows"]) for p in runs]
+    base_bests = [summarize_by_pooling(p["rows"]) for p in against]
+    poolings = sorted(set.intersection(*(set(b) for b in (*run_bests, *base_bests))))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for pooling in poolings:
+        out[pooling] = {}
+        for model in ("student", "teacher"):
+            pairs = [(r[pooling].get(model), b[pooling].get(model)) for r, b in zip(run_bests, base_bests)]
+            if any(r is None or b is None for r, b in pairs):
+                continue
+            diffs = [[100 * (x - y) for x, y in zip(_folds(r), _folds(b))] for r, b in pairs]
+            entry = _paired_summary(diffs)
+            entry["runs"] = [100 * r["logreg"] for r, _ in pairs]
+            entry["against"] = [100 * b["logreg"] for _, b in pairs]
+            out[pooling][model] = entry
+    return out
+
+
+def format_arms(arms: dict[str, dict[str, dict[str, Any]]], splits: int) -> str:
+    lines = [f"change - base, paired by seed, best block of each run; mean over {splits} splits "
+             "(standard error; splits ahead)",
+             f"{'pooling':<8} {'model':<12}{'change':>8}{'base':>8}{'change - base':>27}"]
+    for pooling, models in arms.items():
+        for model, e in models.items():
+            sem = "-" if e["sem"] is None else f"{e['sem']:.1f}"
+            diff = f"{e['mean']:+13.1f} ({sem}; {e['ahead']} of {splits})"
+            lines.append(f"{pooling:<8} {model:<12}{statistics.fmean(e['runs']):8.1f}"
+                         f"{statistics.fmean(e['against']):8.1f}{diff:>27}")
+    return "\n".join(lines)
 
 
 def format_combined(combined: dict[str, dict[str, dict[str, Any]]], names: Sequence[str], splits: int) -> str:
@@ -113,11 +175,16 @@ def format_combined(combined: dict[str, dict[str, dict[str, Any]]], names: Seque
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="learning.py run folders, results.json or eat-probe json files")
+    p.add_argument("--against", nargs="+", default=None, metavar="BASE_RUN",
+                   help="base runs, one per run in the same seed order: print run - base per split")
     p.add_argument("--json", default=None, help="write the combined numbers here")
     args = p.parse_args(argv)
+    arms = None
     try:
         probes = [load_probe(path) for path in args.runs]
         combined = combine(probes)
+        if args.against:
+            arms = compare_arms(probes, [load_probe(path) for path in args.against])
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,10 +193,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [os.path.basename(os.path.normpath(r if os.path.isdir(r) else os.path.dirname(os.path.abspath(r))))
              for r in args.runs]  # the run folder names the run
     print(format_combined(combined, names, len(splits)))
+    if arms is not None:
+        print()
+        print(format_arms(arms, len(splits)))
     if args.json:
+        result = {"runs": [os.path.abspath(r) for r in args.runs], "splits": splits, "combined": combined}
+        if arms is not None:
+            result["against"] = {"runs": [os.path.abspath(r) for r in args.against], "combined": arms}
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"runs": [os.path.abspath(r) for r in args.runs], "splits": splits, "combined": combined},
-                      handle, indent=1)
+            json.dump(result, handle, indent=1)
     return 0
 
 

@@ -77,3 +77,29 @@ def test_cli_reads_run_folders_and_probe_files(tmp_path, capsys) -> None:
     assert json.loads(out_json.read_text())["combined"]["freq"]["student"]["mean"] == pytest.approx(65.0)
     (tmp_path / "bad.json").write_text("{}")
     assert learning_seeds.main([str(tmp_path / "bad.json")]) == 2
+
+
+def test_against_pairs_change_and_base_by_seed_at_their_best_blocks(tmp_path, capsys) -> None:
+    # base run, seed 1: best block 1 (mean 0.6); seed 2: block 0 (mean 0.5)
+    base1 = _probe([0.5, 0.5, 0.5], [0.7, 0.6, 0.5], [0.5, 0.5, 0.4], seed=1)
+    base2 = _probe([0.4, 0.6, 0.5], [0.2, 0.2, 0.2], [0.4, 0.6, 0.5], seed=2)
+    arms = learning_seeds.compare_arms([RUN1, RUN2], [base1, base2])
+    student = arms["freq"]["student"]
+    # seed 1: RUN1 block 0 - base1 block 1 = -10, +10, 0; seed 2: RUN2 block 1 - base2 block 0 = +40, -10, +30
+    assert student["per_split"] == pytest.approx([15.0, 0.0, 15.0])
+    assert student["per_run"] == pytest.approx([0.0, 20.0])
+    assert student["mean"] == pytest.approx(10.0) and student["ahead"] == 2
+    assert student["runs"] == pytest.approx([60.0, 70.0]) and student["against"] == pytest.approx([60.0, 50.0])
+    with pytest.raises(ValueError, match="different seeds"):
+        learning_seeds.compare_arms([RUN1, RUN2], [base2, base1])
+    with pytest.raises(ValueError, match="one base run per run"):
+        learning_seeds.compare_arms([RUN1, RUN2], [base1])
+    for name, probe in {"c1": RUN1, "c2": RUN2, "b1": base1, "b2": base2}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(probe))
+    out_json = tmp_path / "arms.json"
+    assert learning_seeds.main([str(tmp_path / "c1.json"), str(tmp_path / "c2.json"), "--against",
+                                str(tmp_path / "b1.json"), str(tmp_path / "b2.json"), "--json", str(out_json)]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("freq ") and "student" in l][-1]
+    assert line.split()[2:5] == ["65.0", "55.0", "+10.0"] and "(5.0; 2 of 3)" in line
+    assert json.loads(out_json.read_text())["against"]["combined"]["freq"]["student"]["mean"] == pytest.approx(10.0)
+    assert learning_seeds.main([str(tmp_path / "c1.json"), "--against", str(tmp_path / "b2.json")]) == 2
