@@ -109,9 +109,9 @@ def combine(probes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
 
 def compare_arms(runs: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]]
                  ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{pooling: {model: {"mean", "against_mean", "per_split", "mean_diff"...}}}``: the change (``runs``)
-    minus the base (``against``), the i-th run of each paired (same pre-training seed), each run at its
-    best block, differences per split averaged over the pairs."""
+    """``{pooling: {model: {"runs", "against", "per_split", "mean", "sem", "ahead", "per_run"}}}``: the
+    change (``runs``) minus the base (``against``), the i-th run of each paired (same pre-training seed),
+    each run at its best block; differences per split averaged over the pairs (``per_run``: per pair)."""
     if not runs or len(runs) != len(against):
         raise ValueError(f"--against needs one base run per run, paired by seed: {len(runs)} runs, "
                          f"{len(against)} base runs")
