@@ -62,12 +62,11 @@ def _folds(row: dict[str, Any]) -> list[float]:
     return row["logreg_folds"]
 
 
-def _check_splits(probes: Sequence[dict[str, Any]]) -> Optional[list[str]]:
+def _check_splits(probes: Sequence[dict[str, Any]]) -> None:
     splits = _splits(probes[0])
     for probe in probes[1:]:
         if _splits(probe) != splits:
             raise ValueError(f"the runs were probed on different splits: {splits} vs {_splits(probe)}")
-    return splits
 
 
 def _paired_summary(diffs: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -77,6 +76,12 @@ def _paired_summary(diffs: Sequence[Sequence[float]]) -> dict[str, Any]:
     sem = statistics.stdev(per_split) / math.sqrt(len(per_split)) if len(per_split) > 1 else None
     return {"per_split": per_split, "mean": statistics.fmean(per_split), "sem": sem,
             "ahead": sum(d > 0 for d in per_split), "per_run": [statistics.fmean(d) for d in diffs]}
+
+
+def _paired_cell(summary: dict[str, Any], splits: int) -> str:
+    """``+4.2 (2.3; 4 of 6)``: a paired summary's mean, standard error and splits ahead, 27 wide."""
+    sem = "-" if summary["sem"] is None else f"{summary['sem']:.1f}"
+    return f"{summary['mean']:+13.1f} ({sem}; {summary['ahead']} of {splits})".rjust(27)
 
 
 def combine(probes: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -145,10 +150,8 @@ def format_arms(arms: dict[str, dict[str, dict[str, Any]]], splits: int) -> str:
              f"{'pooling':<8} {'model':<12}{'change':>8}{'base':>8}{'change - base':>27}"]
     for pooling, models in arms.items():
         for model, e in models.items():
-            sem = "-" if e["sem"] is None else f"{e['sem']:.1f}"
-            diff = f"{e['mean']:+13.1f} ({sem}; {e['ahead']} of {splits})"
             lines.append(f"{pooling:<8} {model:<12}{statistics.fmean(e['runs']):8.1f}"
-                         f"{statistics.fmean(e['against']):8.1f}{diff:>27}")
+                         f"{statistics.fmean(e['against']):8.1f}{_paired_cell(e, splits)}")
     return "\n".join(lines)
 
 
@@ -163,11 +166,7 @@ def format_combined(combined: dict[str, dict[str, dict[str, Any]]], names: Seque
             cells = "".join(f"{a:13.1f}" for a in entry["per_run"]) + f"{entry['mean']:7.1f}"
             for ref in REFERENCES:
                 vs = entry["vs"].get(ref)
-                if vs is None:
-                    cells += f"{'-':>27}"
-                else:
-                    sem = "-" if vs["sem"] is None else f"{vs['sem']:.1f}"
-                    cells += f"{vs['mean']:+13.1f} ({sem}; {vs['ahead']} of {splits})".rjust(27)
+                cells += f"{'-':>27}" if vs is None else _paired_cell(vs, splits)
             lines.append(f"{pooling:<8} {model:<12}{cells}")
     return "\n".join(lines)
 
