@@ -147,3 +147,32 @@ def test_bf16_keeps_an_fp32_teacher(data: Path, tmp_path: Path) -> None:
     assert torch.equal(model["teacher.pos_embed"], table)
     assert not torch.equal(model["encoder.pos_embed"], table)
     assert torch.equal(model["encoder.pos_embed"], table.bfloat16().float())
+
+
+def test_a_resume_restarts_the_stopped_wall_stopwatch() -> None:
+    """A mid-epoch resume loads fairseq's metrics, which leaves ``wall`` stopped (every later log line
+    said wall=0); the eat tasks' begin_epoch starts it again and leaves a running one alone."""
+    from fairseq.logging import metrics
+
+    from eat_fairseq.fairseq_ext.classification import EATClassificationTask
+    from eat_fairseq.fairseq_ext.pretraining import EATPretrainingTask
+
+    try:
+        for task_class in (EATPretrainingTask, EATClassificationTask):
+            metrics.reset()
+            metrics.log_start_time("wall", priority=790, round=0)  # what the trainer does at start
+            saved = metrics.state_dict()  # what a checkpoint stores
+            metrics.reset()
+            metrics.log_start_time("wall", priority=790, round=0)
+            metrics.load_state_dict(saved)  # what the trainer does on a mid-epoch resume
+            wall = metrics.get_meter("default", "wall")
+            assert wall.start_time is None and wall.smoothed_value == 0
+
+            task = object.__new__(task_class)  # begin_epoch reads no config
+            task.begin_epoch(2, None)
+            started = wall.start_time
+            assert started is not None
+            task.begin_epoch(3, None)
+            assert wall.start_time == started  # a running stopwatch is not reset
+    finally:
+        metrics.reset()

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq import metrics
+from fairseq.logging import meters
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
@@ -169,6 +170,13 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
+def restart_stopped_wall_meter() -> None:
+    """Start the ``default/wall`` stopwatch again if a checkpoint's metrics left it stopped."""
+    wall = metrics.get_meter("default", "wall")
+    if isinstance(wall, meters.StopwatchMeter) and wall.start_time is None:
+        wall.start()
+
+
 class EATAudioTask(FairseqTask):
     """What every eat_* task shares: audio in (features from the task's sample_rate, target_length
     and normalisation fields), no token dictionaries, no length limit, and the handling of
@@ -204,6 +212,13 @@ class EATAudioTask(FairseqTask):
                               "skipped": int(sample.get("skipped", 0))}
             return torch.zeros(()), 0, logging_output
         return super().valid_step(sample, model, criterion)
+
+    def begin_epoch(self, epoch: int, model: Any) -> None:
+        """fairseq restores its ``wall`` stopwatch stopped when a run resumes mid-epoch, so every later
+        log line would say ``wall=0``; restart it (it then counts this process's seconds, as fairseq's
+        does after a resume at an epoch boundary). Only the logged meter changes, never training."""
+        super().begin_epoch(epoch, model)
+        restart_stopped_wall_meter()
 
     @property
     def source_dictionary(self) -> None:
