@@ -17,7 +17,8 @@ block of each model per pooling (a readout can lift random weights as much as tr
 within a row), and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
 syntax, for ablations; repeat it per setting). Fine-tuning from the checkpoint against fine-tuning
 from scratch at equal budget is ``benchmarks/finetune_compare.py``; several pre-training seeds (``--seed``,
-one ``--out`` each) are combined speaker by speaker by ``benchmarks/learning_seeds.py``.
+one ``--out`` each) are combined speaker by speaker by ``benchmarks/learning_seeds.py``. An interrupted run
+(a kill, a closed session) continues from its last checkpoint with the same arguments plus ``--resume``.
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def _tool(name: str) -> str:
     return candidate if os.path.exists(candidate) else (shutil.which(name) or name)
 
 
-def _run(cmd: list[str], log_path: str, env: dict[str, str]) -> float:
-    """Run ``cmd`` with its output in ``log_path``; returns the wall time, raises on failure."""
+def _run(cmd: list[str], log_path: str, env: dict[str, str], append: bool = False) -> float:
+    """Run ``cmd`` with its output in ``log_path`` (added to its end with ``append``); returns the wall
+    time, raises on failure."""
     start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "a" if append else "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.path.dirname(log_path))
     elapsed = time.perf_counter() - start
     if proc.returncode:
@@ -53,11 +55,19 @@ def _run(cmd: list[str], log_path: str, env: dict[str, str]) -> float:
 
 
 def pretrain(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[str, float]:
-    """Pre-train the recipe; returns (checkpoint path, wall seconds)."""
+    """Pre-train the recipe; returns (checkpoint path, wall seconds of this process).
+
+    A new run replaces ``OUT/pretrain`` (fairseq would resume a leftover ``checkpoint_last.pt``);
+    ``args.resume`` keeps it, so fairseq continues an interrupted run exactly where its last checkpoint
+    left it, and its output goes after the earlier run's in ``pretrain.log``.
+    """
     recipe = os.path.abspath(args.recipe)
     ckpt_dir = os.path.join(out, "pretrain")
-    if os.path.exists(ckpt_dir):
-        shutil.rmtree(ckpt_dir)  # a leftover checkpoint_last.pt would be resumed
+    if args.resume:
+        if not os.path.exists(os.path.join(ckpt_dir, "checkpoint_last.pt")):
+            raise SystemExit(f"--resume: no {os.path.join(ckpt_dir, 'checkpoint_last.pt')} to resume from")
+    elif os.path.exists(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
     cmd = [
         _tool("fairseq-hydra-train"), "--config-dir", os.path.dirname(recipe),
         "--config-name", os.path.splitext(os.path.basename(recipe))[0],
@@ -75,7 +85,7 @@ def pretrain(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[s
         cmd.append(f"optimization.stop_time_hours={args.budget_minutes / 60.0}")
     cmd += args.set
     print("pre-training:", " ".join(cmd), flush=True)
-    seconds = _run(cmd, os.path.join(out, "pretrain.log"), env)
+    seconds = _run(cmd, os.path.join(out, "pretrain.log"), env, append=args.resume)
     return os.path.join(ckpt_dir, "checkpoint_last.pt"), seconds
 
 
@@ -160,7 +170,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--pool", required=True, help="manifest folder of the unlabelled pool (train.tsv)")
     p.add_argument("--probe-data", required=True, help="labelled folder, one split per held-out group")
     p.add_argument("--recipe", default=os.path.join(ROOT, "examples", "pretraining", "eat_small.yaml"))
-    p.add_argument("--out", required=True, help="run folder (its pretrain/ is replaced)")
+    p.add_argument("--out", required=True, help="run folder (its pretrain/ is replaced unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/pretrain/checkpoint_last.pt (give the same "
+                        "arguments again); the recorded pre-training time is then this process's only")
     p.add_argument("--max-update", type=int, default=None, help="override the recipe's max_update")
     p.add_argument("--budget-minutes", type=float, default=None, help="stop pre-training after this wall time")
     p.add_argument("--seed", type=int, default=1)
@@ -196,6 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "budget_minutes": args.budget_minutes,
         "threads": env.get("OMP_NUM_THREADS"),
         "pretrain_seconds": seconds,
+        "resumed": bool(args.resume),
         "best": best,
         "best_per_pooling": by_pooling,
         "probe": result,
@@ -203,7 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
     if seconds is not None:
-        print(f"\npre-training wall time {seconds / 60:.1f} min; results in {out}/results.json")
+        resumed = " (this process: the run was resumed)" if args.resume else ""
+        print(f"\npre-training wall time {seconds / 60:.1f} min{resumed}; results in {out}/results.json")
     return 0
 
 

@@ -1,7 +1,11 @@
 """benchmarks/learning.py: the summary picks each model's best row overall and per pooling."""
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -36,3 +40,34 @@ def test_best_rows_overall_and_per_pooling(capsys) -> None:
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith(("freq ", "freqstd "))}
     assert lines["freq"][1:] == ["60.0", "62.0", "50.0", "56.5", "+10.0", "+3.5", "+12.0", "+5.5"]
     assert lines["freqstd"][5:7] == ["+5.0", "+9.5"]
+
+
+def test_resume_keeps_the_interrupted_run_and_its_log(tmp_path, monkeypatch) -> None:
+    """A new run replaces OUT/pretrain (fairseq would resume a leftover checkpoint); --resume keeps it
+    and adds to pretrain.log; --resume without a checkpoint is refused."""
+    fake = tmp_path / "fake-hydra-train"
+    fake.write_text('#!/bin/sh\necho "fake run $*"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(learning, "_tool", lambda name: str(fake))
+    out = tmp_path / "run"
+    ckpt = out / "pretrain" / "checkpoint_last.pt"
+    ckpt.parent.mkdir(parents=True)
+
+    def args(resume: bool) -> argparse.Namespace:
+        return argparse.Namespace(recipe=str(REPO / "examples" / "pretraining" / "eat_small.yaml"), pool="pool",
+                                  seed=2, probe_every=0, max_update=None, budget_minutes=None, set=[],
+                                  resume=resume)
+
+    ckpt.write_bytes(b"weights")
+    (out / "pretrain.log").write_text("the interrupted run\n")
+    path, seconds = learning.pretrain(args(True), str(out), dict(os.environ))
+    assert path == str(ckpt) and ckpt.read_bytes() == b"weights" and seconds >= 0
+    log = (out / "pretrain.log").read_text()
+    assert log.startswith("the interrupted run\n") and f"checkpoint.save_dir={ckpt.parent}" in log
+
+    learning.pretrain(args(False), str(out), dict(os.environ))
+    assert not ckpt.exists()
+    assert "the interrupted run" not in (out / "pretrain.log").read_text()
+
+    with pytest.raises(SystemExit, match="no .*checkpoint_last.pt to resume from"):
+        learning.pretrain(args(True), str(out), dict(os.environ))
