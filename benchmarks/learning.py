@@ -63,9 +63,10 @@ def pretrain(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[s
     """
     recipe = os.path.abspath(args.recipe)
     ckpt_dir = os.path.join(out, "pretrain")
+    last = os.path.join(ckpt_dir, "checkpoint_last.pt")
     if args.resume:
-        if not os.path.exists(os.path.join(ckpt_dir, "checkpoint_last.pt")):
-            raise SystemExit(f"--resume: no {os.path.join(ckpt_dir, 'checkpoint_last.pt')} to resume from")
+        if not os.path.exists(last):
+            raise SystemExit(f"--resume: no {last} to resume from")
     elif os.path.exists(ckpt_dir):
         shutil.rmtree(ckpt_dir)
     cmd = [
@@ -86,7 +87,7 @@ def pretrain(args: argparse.Namespace, out: str, env: dict[str, str]) -> tuple[s
     cmd += args.set
     print("pre-training:", " ".join(cmd), flush=True)
     seconds = _run(cmd, os.path.join(out, "pretrain.log"), env, append=args.resume)
-    return os.path.join(ckpt_dir, "checkpoint_last.pt"), seconds
+    return last, seconds
 
 
 def _user_dir() -> str:

@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq import metrics
-from fairseq.logging import meters
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import meters
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf
