@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-fairseq.txt setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m eat_fairseq.demo --out $(DEMO_DIR)
+	$(PY) -m eat_fairseq.cli.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

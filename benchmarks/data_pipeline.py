@@ -36,8 +36,8 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as taf
 
-from eat_fairseq.core.features import FeatureConfig, pad_or_crop, normalize
-from eat_fairseq.core.manifest import read_manifest
+from eat_fairseq.data.features import FeatureConfig, pad_or_crop, normalize
+from eat_fairseq.data.manifest import read_manifest
 from eat_fairseq.prep.pack import pack_manifests
 
 CFG = FeatureConfig()  # 1024 frames, AudioSet statistics: the pre-training setting
@@ -125,7 +125,7 @@ def main() -> None:
     if args.quick:
         args.clips, args.rounds = 8, 1
     torch.set_num_threads(1)  # one core per worker, as in a data loader
-    from eat_fairseq.fairseq_ext.data import EATAudioDataset  # imports fairseq
+    from eat_fairseq.fairseq_ext.datasets import EATAudioDataset  # imports fairseq
 
     root = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="eat_pipeline_"))
     try:

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from eat_fairseq.api import EATModelHandle, load_model
-from eat_fairseq.core.convert import build_checkpoint
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+from eat_fairseq.inference.api import EATModelHandle, load_model
+from eat_fairseq.checkpoints.convert import build_checkpoint
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
 
 def random_checkpoint(path: str, size: str) -> None:

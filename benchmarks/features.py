@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-from eat_fairseq.core.features import kaldi_fbank
+from eat_fairseq.data.features import kaldi_fbank
 
 
 def reference(wave: torch.Tensor) -> torch.Tensor:

@@ -68,10 +68,10 @@ class CompareError(Exception):
 
 def pretrained_settings(checkpoint: str) -> dict[str, dict[str, Any]]:
     """``{"arch": {...}, "features": {...}}`` of a pre-training checkpoint of ours: the encoder's shape
-    (from its tensors and cfg, as ``eat_fairseq.api.load_model`` reads it) and its task's feature settings."""
-    from eat_fairseq.api import load_model
-    from eat_fairseq.core.checkpoint import CheckpointError, load_checkpoint
-    from eat_fairseq.core.convert import ConversionError, detect_source
+    (from its tensors and cfg, as ``eat_fairseq.inference.api.load_model`` reads it) and its task's feature settings."""
+    from eat_fairseq.inference.api import load_model
+    from eat_fairseq.checkpoints.load import CheckpointError, load_checkpoint
+    from eat_fairseq.checkpoints.convert import ConversionError, detect_source
 
     try:
         fmt, kind = detect_source(load_checkpoint(checkpoint))
@@ -103,7 +103,7 @@ def fold_plan(speakers: Sequence[str], folds: int) -> list[dict[str, Any]]:
 
 def speaker_splits(speakers_dir: str) -> list[str]:
     """Labelled splits (``{name}.tsv`` + ``{name}.lbl``) of the folder; ``label_descriptors.csv`` is required."""
-    from eat_fairseq.core.probe import available_splits
+    from eat_fairseq.evaluation.probe import available_splits
 
     if not os.path.isdir(speakers_dir):
         raise CompareError(f"--speakers-dir {speakers_dir}: not a folder")
@@ -116,7 +116,7 @@ def write_fold_data(speakers_dir: str, fold: dict[str, Any], dest: str) -> str:
     """The fold's data folder: train.tsv/.lbl concatenated from the train speakers (paths rewritten
     against their common root), valid/test and label_descriptors.csv as symlinks. Rebuilt every time
     (it is derived from ``speakers_dir``)."""
-    from eat_fairseq.core.manifest import read_manifest
+    from eat_fairseq.data.manifest import read_manifest
     from eat_fairseq.prep.common import read_lines, write_manifest, write_text_atomic
 
     src = os.path.abspath(speakers_dir)

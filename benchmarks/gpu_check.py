@@ -76,9 +76,9 @@ def pretrain_throughput(
     """
     import torch
 
-    from eat_fairseq.core.masking import inverse_block_mask
-    from eat_fairseq.core.objective import ufo_loss
-    from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+    from eat_fairseq.model.masking import inverse_block_mask
+    from eat_fairseq.model.objective import ufo_loss
+    from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     batch, frames = (2, 128) if tiny else (12, 1024)
@@ -153,9 +153,9 @@ def extraction_throughput(device: str, tiny: bool, batch: int, num_clips: int, s
     import numpy as np
     import torch
 
-    from eat_fairseq.api import load_model
-    from eat_fairseq.core.convert import build_checkpoint
-    from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+    from eat_fairseq.inference.api import load_model
+    from eat_fairseq.checkpoints.convert import build_checkpoint
+    from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
     cfg = PretrainConfig.tiny() if tiny else PretrainConfig.base()
     rng = np.random.default_rng(0)
@@ -185,7 +185,7 @@ def fbank_parity(device: str) -> dict:
     import torch
     import torchaudio
 
-    from eat_fairseq.core.features import kaldi_fbank
+    from eat_fairseq.data.features import kaldi_fbank
 
     gen = torch.Generator().manual_seed(0)
     lengths = [16000 * s for s in (10, 7, 3, 1)] + [12345, 4000]
@@ -280,7 +280,7 @@ def train_command(device: str, tiny: bool, data: Path, save_dir: Path, max_updat
 
 
 def hydra_train_resume(device: str, tiny: bool, first: int, total: int, timeout: float) -> dict:
-    from eat_fairseq.core.checkpoint import load_checkpoint
+    from eat_fairseq.checkpoints.load import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -28,9 +28,9 @@ CONFIGS = {
 def measure(name: str, device: str, steps: int, warmup: int, threads: int | None) -> dict:
     import torch
 
-    from eat_fairseq.core.masking import inverse_block_mask
-    from eat_fairseq.core.objective import ufo_loss
-    from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+    from eat_fairseq.model.masking import inverse_block_mask
+    from eat_fairseq.model.objective import ufo_loss
+    from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """What the online probe costs: seconds per probe of a student and a teacher encoder.
 
-Times :class:`eat_fairseq.core.probe.OnlineProbe` as the pre-training task runs it (one layer, one
+Times :class:`eat_fairseq.evaluation.probe.OnlineProbe` as the pre-training task runs it (one layer, one
 pooling, logistic regression and kNN, every fold) for a subset of N clips per split and for all
 clips, on randomly initialised encoders of the chosen architecture (the cost does not depend on the
 weights). Compare the seconds with the run's seconds per update times ``task.probe_interval_updates``.
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.core.features import FeatureConfig
-from eat_fairseq.core.probe import OnlineProbe
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.data.features import FeatureConfig
+from eat_fairseq.evaluation.probe import OnlineProbe
 
 
 def main() -> None:

@@ -1,10 +1,16 @@
 """eat_fairseq: EAT (Efficient Audio Transformer, arXiv 2401.03497) for fairseq.
 
-Layout:
-- ``eat_fairseq.core``: pure PyTorch (features, masking, encoder, decoder, EMA teacher, targets,
-  losses, classifier, weight layouts). Imports no fairseq, so inference works without it.
-- ``eat_fairseq.prep``: manifest preparation (library functions; thin CLIs live in ``manifests/``).
-- ``eat_fairseq.fairseq_ext``: thin fairseq shells (tasks, models, criterions, datasets).
+Layout (one folder per concern; everything but ``fairseq_ext`` is pure PyTorch and imports no fairseq,
+so inference works without it):
+- ``model``: EAT itself (encoder, inverse block masking, CNN decoder, EMA teacher, UFO objective,
+  classifier, fine-tuning losses).
+- ``data``: audio decoding, manifest rows and the one row reader (``data.clips``), the one
+  waveform -> fbank path (``data.features``), augmentation, sampling, labels.
+- ``checkpoints``: the one checkpoint reader, conversion to/from the released layout, atomic writes.
+- ``evaluation``: linear/kNN probes and metrics.  ``inference``: ``load_model`` and the HEAR API.
+- ``prep``: manifest preparation (library functions; thin CLIs live in ``manifests/``).
+- ``fairseq_ext``: thin fairseq shells split by fairseq role (tasks, datasets, models, criterions, optim).
+- ``cli``: console scripts, the demo and training curves.
 
 Importing this package does NOT import fairseq (or even torch): the inference tools and their
 ``--help`` stay fast. The fairseq components are still registered whenever fairseq is used: at once
@@ -33,7 +39,7 @@ _registration.install()
 def __getattr__(name: str) -> Any:
     """``eat_fairseq.load_model`` without paying torch's import time on ``import eat_fairseq``."""
     if name == "load_model":
-        from .api import load_model
+        from .inference.api import load_model
 
         return load_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""eat_fairseq.api: checkpoint loading, embeddings at every granularity, long-audio windowing, tagging."""
+"""eat_fairseq.inference.api: checkpoint loading, embeddings at every granularity, long-audio windowing, tagging."""
 from __future__ import annotations
 
 import math
@@ -11,14 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from eat_fairseq.api import EATModelHandle, ModelLoadError, load_model
-from eat_fairseq.core.audio import AudioError, to_mono_16k
-from eat_fairseq.core.checkpoint import CheckpointError
-from eat_fairseq.core.classifier import EATClassifier
-from eat_fairseq.core.convert import build_checkpoint, convert_to_released
-from eat_fairseq.core.encoder import EncoderConfig
-from eat_fairseq.core.features import FeatureConfig, num_frames, waveform_to_features
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+from eat_fairseq.inference.api import EATModelHandle, ModelLoadError, load_model
+from eat_fairseq.data.audio import AudioError, to_mono_16k
+from eat_fairseq.checkpoints.load import CheckpointError
+from eat_fairseq.model.classifier import EATClassifier
+from eat_fairseq.checkpoints.convert import build_checkpoint, convert_to_released
+from eat_fairseq.model.encoder import EncoderConfig
+from eat_fairseq.data.features import FeatureConfig, num_frames, waveform_to_features
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
 WINDOW = 128  # frames per window of the test models (1.28 s)
 LABELS = ["dog", "cat", "bird", "car", "rain"]

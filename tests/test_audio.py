@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as taf
 
-from eat_fairseq.core.audio import AudioError, load_audio, load_waveform, to_mono_16k
+from eat_fairseq.data.audio import AudioError, load_audio, load_waveform, to_mono_16k
 
 
 def tone(num_samples: int, sr: int, freq: float = 440.0, channels: int = 1) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from eat_fairseq.core.audio import load_audio
+from eat_fairseq.data.audio import load_audio
 from eat_fairseq.prep.audio_folder import write_audio_folder_manifest
 from eat_fairseq.prep.common import TOO_SHORT, min_frames, probe_audio
 from eat_fairseq.prep.validate import validate_manifest

@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("fairseq")
 
-from eat_fairseq.core.audio import AudioError, load_audio  # noqa: E402
-from eat_fairseq.core.features import FeatureConfig  # noqa: E402
-from eat_fairseq.core.manifest import ManifestError  # noqa: E402
-from eat_fairseq.fairseq_ext.data import EATAudioDataset, is_placeholder  # noqa: E402
+from eat_fairseq.data.audio import AudioError, load_audio  # noqa: E402
+from eat_fairseq.data.features import FeatureConfig  # noqa: E402
+from eat_fairseq.data.manifest import ManifestError  # noqa: E402
+from eat_fairseq.fairseq_ext.datasets import EATAudioDataset, is_placeholder  # noqa: E402
 from helpers import REPO, json_logs, make_audio_corpus, run  # noqa: E402
 
 CFG = FeatureConfig(target_length=128)
@@ -81,7 +81,7 @@ def test_training_with_nothing_readable_stops_with_a_clear_error(tmp_path: Path)
 
 
 def test_evaluation_drops_bad_clips_and_an_all_bad_batch_is_a_placeholder(tmp_path: Path) -> None:
-    from eat_fairseq.fairseq_ext.classification import EATLabelledDataset
+    from eat_fairseq.fairseq_ext.datasets import EATLabelledDataset
 
     data = make_audio_corpus(tmp_path, num_clips=6)
     manifest = data / "valid.tsv"

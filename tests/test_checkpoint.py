@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from eat_fairseq.core.checkpoint import (
+from eat_fairseq.checkpoints.load import (
     CheckpointError,
     StandIn,
     UnsafeCheckpointError,

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List
@@ -17,8 +18,8 @@ import torch
 
 pytest.importorskip("fairseq")
 
-import eat_fairseq  # noqa: E402,F401  (installs the patches, as fairseq's user-dir import does)
-from eat_fairseq.core.atomic import atomic_write, is_temp_name, remove_stale_temps, temp_name  # noqa: E402
+import eat_fairseq  # noqa: E402,F401  (registers the eat_* components; patches nothing yet)
+from eat_fairseq.checkpoints.atomic import atomic_write, is_temp_name, remove_stale_temps, temp_name  # noqa: E402
 from eat_fairseq.fairseq_ext import checkpoint_io  # noqa: E402
 from helpers import REPO, hydra_train_cmd, json_logs, make_audio_corpus  # noqa: E402
 
@@ -30,6 +31,32 @@ def _temps(folder: Path) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------- unit tests
+
+
+def test_patches_come_with_an_eat_task_not_with_the_import(tmp_path: Path) -> None:
+    """Importing the package leaves fairseq's checkpoint functions alone (other tasks in the process keep
+    fairseq's own); setting up an eat_* task for training installs them."""
+    script = f"""
+import eat_fairseq.fairseq_ext
+from fairseq import checkpoint_utils
+from omegaconf import OmegaConf
+before = checkpoint_utils.load_checkpoint.__module__
+from eat_fairseq.fairseq_ext.tasks import EATPretrainingTask, EATPretrainingTaskConfig
+cfg = OmegaConf.structured(EATPretrainingTaskConfig(data={str(tmp_path)!r}, max_update=1, train_subset="train",
+                           clone_batch=1, mask_prob=0.8, mask_length=5, mask_prob_adjust=0.07, patch_size=16, seed=1))
+EATPretrainingTask.setup_task(cfg, from_checkpoint=True)
+during_load = checkpoint_utils.load_checkpoint.__module__
+EATPretrainingTask.setup_task(cfg)
+print(before, during_load, checkpoint_utils.load_checkpoint.__module__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fairseq.checkpoint_utils", "fairseq.checkpoint_utils", "eat_fairseq.fairseq_ext.checkpoint_io"]
+
+
+@pytest.fixture(autouse=True)
+def patched() -> None:
+    """The state of a training process: an eat_* task was set up (see the test above)."""
+    checkpoint_io.install()
 
 
 def test_disk_full_during_save_keeps_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from eat_fairseq.api import load_model
+from eat_fairseq.inference.api import load_model
 from eat_fairseq.cli.extract import main as extract_main
 from eat_fairseq.cli.tag import main as tag_main
 
@@ -199,7 +199,7 @@ def test_both_clis_run_with_fairseq_blocked(env: dict[str, Path], tmp_path: Path
         from eat_fairseq.cli.tag import main as tag_main
         rc1 = extract_main(["--checkpoint", {str(env["pre"])!r}, {str(env["audio"])!r}, "--out", {str(out)!r}, "--granularity", "frame"])
         rc2 = tag_main(["--checkpoint", {str(env["cls"])!r}, {str(env["audio"] / "a.wav")!r}, "--json"])
-        import eat_fairseq.hear  # noqa: F401
+        import eat_fairseq.inference.hear  # noqa: F401
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print("RESULT", rc1, rc2, leaked, sorted(set(ATTEMPTS)))
         """

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from eat_fairseq.cli.convert import main as cli_main
-from eat_fairseq.core.checkpoint import CheckpointError, StandIn, load_checkpoint
-from eat_fairseq.core.convert import ConversionError, convert_file, convert_released, read_any
-from eat_fairseq.core.encoder import sincos_pos_embed_2d
+from eat_fairseq.checkpoints.load import CheckpointError, StandIn, load_checkpoint
+from eat_fairseq.checkpoints.convert import ConversionError, convert_file, convert_released, read_any
+from eat_fairseq.model.encoder import sincos_pos_embed_2d
 
 P = "modality_encoders.IMAGE."
 Fill = Callable[[tuple[int, ...]], torch.Tensor]

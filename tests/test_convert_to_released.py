@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from eat_fairseq.cli.convert import main as cli_main
-from eat_fairseq.core.convert import convert_file, convert_released, read_any
+from eat_fairseq.checkpoints.convert import convert_file, convert_released, read_any
 from test_convert import (  # noqa: I001  (tests/ is on sys.path under pytest)
     _assert_plain,
     _cheap_fill,

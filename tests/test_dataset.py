@@ -10,9 +10,11 @@ import torch
 
 pytest.importorskip("fairseq")
 
-from eat_fairseq.core.audio import AudioError, load_audio, to_mono_16k  # noqa: E402
-from eat_fairseq.core.features import FeatureConfig, waveform_to_features  # noqa: E402
-from eat_fairseq.fairseq_ext.data import EATAudioDataset, ManifestError, MaskSpec, read_manifest  # noqa: E402
+from eat_fairseq.data.audio import AudioError, load_audio, to_mono_16k  # noqa: E402
+from eat_fairseq.data.features import FeatureConfig, waveform_to_features  # noqa: E402
+from eat_fairseq.fairseq_ext.datasets import EATAudioDataset, ManifestError, read_manifest  # noqa: E402
+from eat_fairseq.model.masking import MaskSpec  # noqa: E402
+from eat_fairseq.model.pretraining import PretrainConfig  # noqa: E402
 
 CFG = FeatureConfig(target_length=128)
 
@@ -103,7 +105,7 @@ def test_bad_manifest_is_a_clear_error(tmp_path: Path, text: str, message: str) 
 
 
 def test_masks_in_collater_are_seeded_and_exact(corpus: Path) -> None:
-    spec = MaskSpec(clone_batch=3, mask_prob=0.8, mask_length=5, mask_prob_adjust=0.07, seed=7)
+    spec = MaskSpec(clone_batch=3, mask_prob=0.8, mask_length=5, mask_prob_adjust=0.07, patch_size=16)
     ds = EATAudioDataset(str(corpus), CFG, mask=spec, shuffle=False)
     samples = [ds[i] for i in range(4)]
     mask = ds.collater(samples)["net_input"]["mask"]
@@ -115,7 +117,7 @@ def test_masks_in_collater_are_seeded_and_exact(corpus: Path) -> None:
 
 
 def test_works_with_worker_processes(corpus: Path) -> None:
-    ds = EATAudioDataset(str(corpus), CFG, mask=MaskSpec(clone_batch=2), shuffle=False)
+    ds = EATAudioDataset(str(corpus), CFG, mask=PretrainConfig.tiny(clone_batch=2).mask_spec(), shuffle=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=ds.collater)
     batches = list(loader)
     assert [b["net_input"]["source"].shape[0] for b in batches] == [2, 2]

@@ -1,4 +1,4 @@
-"""`make demo` (eat_fairseq.demo): the corpus-only mode the README uses, and the full demo ending with
+"""`make demo` (eat_fairseq.cli.demo): the corpus-only mode the README uses, and the full demo ending with
 the training-curves plot and the list of its outputs."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eat_fairseq.demo import main as demo_main
+from eat_fairseq.cli.demo import main as demo_main
 from helpers import run
 
 
@@ -27,7 +27,7 @@ def test_demo_ends_with_the_curves_and_lists_its_outputs(tmp_path: Path) -> None
     pytest.importorskip("fairseq")
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
-    printed = run([sys.executable, "-m", "eat_fairseq.demo", "--out", str(out), "--clips", "16", "--updates", "20"],
+    printed = run([sys.executable, "-m", "eat_fairseq.cli.demo", "--out", str(out), "--clips", "16", "--updates", "20"],
                   cwd=tmp_path)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "checkpoints" / "tb" / "train_inner").glob("*tfevents*"))

@@ -1,4 +1,4 @@
-"""Tests for eat_fairseq.core.encoder (reference section 2)."""
+"""Tests for eat_fairseq.model.encoder (reference section 2)."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eat_fairseq.core.encoder import (
+from eat_fairseq.model.encoder import (
     Block,
     EATEncoder,
     EncoderConfig,
     PatchEmbed,
     sincos_pos_embed_2d,
 )
-from eat_fairseq.core.masking import inverse_block_mask
+from eat_fairseq.model.masking import inverse_block_mask
 
 
 @pytest.fixture(scope="module")

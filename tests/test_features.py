@@ -8,8 +8,8 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as taf
 
-from eat_fairseq.core.audio import to_mono_16k
-from eat_fairseq.core.features import (
+from eat_fairseq.data.audio import to_mono_16k
+from eat_fairseq.data.features import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
     ESC50_MEAN,

@@ -19,10 +19,10 @@ from helpers import REPO, hydra_train_cmd, make_audio_corpus, run  # noqa: E402
 sys.path.insert(0, str(REPO / "benchmarks"))
 import finetune_compare as fc  # noqa: E402
 
-from eat_fairseq.core.checkpoint import load_checkpoint  # noqa: E402
-from eat_fairseq.core.convert import build_checkpoint  # noqa: E402
-from eat_fairseq.core.encoder import EncoderConfig  # noqa: E402
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig  # noqa: E402
+from eat_fairseq.checkpoints.load import load_checkpoint  # noqa: E402
+from eat_fairseq.checkpoints.convert import build_checkpoint  # noqa: E402
+from eat_fairseq.model.encoder import EncoderConfig  # noqa: E402
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig  # noqa: E402
 
 SCRIPT = REPO / "benchmarks" / "finetune_compare.py"
 CONFIGS_PRE = REPO / "examples" / "pretraining"
@@ -114,7 +114,7 @@ def test_settings_come_from_the_checkpoint_and_set_cannot_change_them(tmp_path: 
 
 def test_refuses_a_fine_tuned_checkpoint(tmp_path: Path) -> None:
     enc = EncoderConfig.tiny()
-    from eat_fairseq.core.classifier import EATClassifier
+    from eat_fairseq.model.classifier import EATClassifier
 
     path = tmp_path / "ft.pt"
     torch.save(build_checkpoint("finetuned", EATClassifier(enc, 2).state_dict(), PretrainConfig(encoder=enc), 2,

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eat_fairseq.core import augment
-from eat_fairseq.core.classifier import (
+from eat_fairseq.data import augment
+from eat_fairseq.model.classifier import (
     EATClassifier,
     EncoderLoadError,
     layer_decay_param_groups,
     torch_param_groups,
 )
-from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.core.finetune_losses import bce_per_clip, bce_positive_norm, cross_entropy, finetune_loss
-from eat_fairseq.core.labels import LabelError, LabelSet, read_label_descriptors, read_split_labels
-from eat_fairseq.core.metrics import (
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.model.finetune_losses import bce_per_clip, bce_positive_norm, cross_entropy, finetune_loss
+from eat_fairseq.data.labels import LabelError, LabelSet, read_label_descriptors, read_split_labels
+from eat_fairseq.evaluation.metrics import (
     accuracy,
     average_precision,
     evaluate_predictions,
@@ -27,7 +27,7 @@ from eat_fairseq.core.metrics import (
     roc_auc,
     write_per_class_ap,
 )
-from eat_fairseq.core.sampling import WeightedEpochSampler, balanced_weights, read_weights
+from eat_fairseq.data.sampling import WeightedEpochSampler, balanced_weights, read_weights
 
 # --------------------------------------------------------------------------- labels
 

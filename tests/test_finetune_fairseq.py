@@ -18,8 +18,8 @@ pytest.importorskip("fairseq")
 from omegaconf import OmegaConf  # noqa: E402
 
 import eat_fairseq  # noqa: E402
-from eat_fairseq.core.labels import LabelError  # noqa: E402
-from eat_fairseq.fairseq_ext import classification as cls_ext  # noqa: E402
+from eat_fairseq.data.labels import LabelError  # noqa: E402
+from eat_fairseq.fairseq_ext import criterions, models, optim, tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,18 +58,18 @@ def make_labelled_corpus(root: Path, clips_per_split: int = 12, multi_label: boo
 
 
 def make_task(data: Path, **overrides):
-    cfg = OmegaConf.structured(cls_ext.EATClassificationConfig)
+    cfg = OmegaConf.structured(tasks.EATClassificationConfig)
     cfg.data = str(data)
     cfg.target_length = 128
     cfg.train_subset = "train"
     cfg.seed = 1
     for key, value in overrides.items():
         cfg[key] = value
-    return cls_ext.EATClassificationTask.setup_task(cfg)
+    return tasks.EATClassificationTask.setup_task(cfg)
 
 
 def model_cfg(**overrides):
-    cfg = OmegaConf.structured(cls_ext.EATClassifierConfig)
+    cfg = OmegaConf.structured(models.EATClassifierConfig)
     for key, value in {**TINY_MODEL, **overrides}.items():
         cfg[key] = value
     cfg._name = "eat_classifier"
@@ -116,12 +116,12 @@ def test_single_label_targets_and_label_errors(tmp_path):
 def test_eat_adam_applies_layer_decay(corpus):
     task = make_task(corpus)
     model = task.build_model(model_cfg(layer_decay=0.5, drop_path_rate=0.0))
-    opt_cfg = OmegaConf.structured(cls_ext.EATAdamConfig)
+    opt_cfg = OmegaConf.structured(optim.EATAdamConfig)
     opt_cfg.lr = [1e-2]
     opt_cfg.weight_decay = 0.0
     opt_cfg.tpu = False
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = cls_ext.EATAdam(opt_cfg, params)
+    optimizer = optim.EATAdam(opt_cfg, params)
     names = {id(p): n for n, p in model.named_parameters()}
     expected = {"encoder.blocks.0.": 0.25, "encoder.blocks.1.": 0.5}
     for group in optimizer.param_groups:
@@ -154,9 +154,9 @@ def test_criterion_augments_only_in_training(corpus):
     sample = ds.collater([ds[i] for i in range(4)])
     source = sample["net_input"]["source"].clone()
     model = task.build_model(model_cfg(drop_path_rate=0.0))
-    crit_cfg = OmegaConf.structured(cls_ext.EATClassificationCriterionConfig)
+    crit_cfg = OmegaConf.structured(criterions.EATClassificationCriterionConfig)
     crit_cfg.mixup_prob = 1.0
-    criterion = cls_ext.EATClassificationCriterion(crit_cfg, task)
+    criterion = criterions.EATClassificationCriterion(crit_cfg, task)
 
     model.eval()
     with torch.no_grad():
@@ -177,8 +177,8 @@ def test_criterion_augments_only_in_training(corpus):
 
 
 def test_model_initialised_from_pretraining_checkpoint(corpus, tmp_path):
-    from eat_fairseq.core.encoder import EncoderConfig
-    from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+    from eat_fairseq.model.encoder import EncoderConfig
+    from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
     torch.manual_seed(0)
     pre = EATPretrainingModel(
@@ -376,10 +376,10 @@ def test_recipe_configs_use_known_fields(name):
     assert cfg.hydra.run.dir == "."
     assert "user_dir" not in cfg.common  # given on the command line (eat-user-dir)
     sections = {
-        "task": cls_ext.EATClassificationConfig,
-        "model": cls_ext.EATClassifierConfig,
-        "criterion": cls_ext.EATClassificationCriterionConfig,
-        "optimizer": cls_ext.EATAdamConfig,
+        "task": tasks.EATClassificationConfig,
+        "model": models.EATClassifierConfig,
+        "criterion": criterions.EATClassificationCriterionConfig,
+        "optimizer": optim.EATAdamConfig,
     }
     for section, dataclass in sections.items():
         known = set(dataclass.__dataclass_fields__) | {"_name"}

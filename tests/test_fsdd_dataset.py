@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("fairseq")
 
-from eat_fairseq.core.audio import load_audio, to_mono_16k  # noqa: E402
-from eat_fairseq.core.features import FeatureConfig, num_frames, waveform_to_features  # noqa: E402
-from eat_fairseq.core.labels import read_label_descriptors, read_split_labels  # noqa: E402
-from eat_fairseq.fairseq_ext.classification import EATLabelledDataset  # noqa: E402
-from eat_fairseq.fairseq_ext.data import EATAudioDataset  # noqa: E402
+from eat_fairseq.data.audio import load_audio, to_mono_16k  # noqa: E402
+from eat_fairseq.data.features import FeatureConfig, num_frames, waveform_to_features  # noqa: E402
+from eat_fairseq.data.labels import read_label_descriptors, read_split_labels  # noqa: E402
+from eat_fairseq.fairseq_ext.datasets import EATLabelledDataset  # noqa: E402
+from eat_fairseq.fairseq_ext.datasets import EATAudioDataset  # noqa: E402
 from eat_fairseq.prep.fsdd import write_fsdd_manifests  # noqa: E402
 
 FSDD_RECORDINGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"

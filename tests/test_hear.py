@@ -1,4 +1,4 @@
-"""eat_fairseq.hear: the HEAR 2021 API (shapes, sizes, timestamps in milliseconds)."""
+"""eat_fairseq.inference.hear: the HEAR 2021 API (shapes, sizes, timestamps in milliseconds)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import eat_fairseq.hear as hear
-from eat_fairseq.api import load_model as load_handle
-from eat_fairseq.core.features import num_frames
+import eat_fairseq.inference.hear as hear
+from eat_fairseq.inference.api import load_model as load_handle
+from eat_fairseq.data.features import num_frames
 
 from test_api import WINDOW, tone, write_classifier, write_pretrained
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from eat_fairseq.core.decoder import CNNDecoder
-from eat_fairseq.core.encoder import sincos_pos_embed_2d
-from eat_fairseq.core.weights import extend_positions
+from eat_fairseq.model.decoder import CNNDecoder
+from eat_fairseq.model.encoder import sincos_pos_embed_2d
+from eat_fairseq.checkpoints.weights import extend_positions
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from fairseq.optim.composite import FairseqCompositeOptimizer  # noqa: E402
 from fairseq.optim.lr_scheduler import build_lr_scheduler  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from eat_fairseq.core.classifier import layer_decay_cosine_lr  # noqa: E402
-from eat_fairseq.fairseq_ext import classification as cls_ext  # noqa: E402
+from eat_fairseq.model.classifier import layer_decay_cosine_lr  # noqa: E402
+from eat_fairseq.fairseq_ext import models, optim  # noqa: E402
 
 # the AS-20K recipe (reference section 4) on a 12-block encoder (narrow, so it builds fast)
 LR, WARMUP, MAX_UPDATE, MIN_LR, DECAY, DEPTH = 5e-5, 4000, 40000, 1e-6, 0.65, 12
@@ -33,12 +33,12 @@ LAST = MAX_UPDATE - 1
 UPDATES = sorted(set(range(0, MAX_UPDATE, 97)) | {1, 3999, 4000, 4001, 20000, LAST})
 
 
-def _model() -> cls_ext.EATClassifierModel:
-    cfg = OmegaConf.structured(cls_ext.EATClassifierConfig)
+def _model() -> models.EATClassifierModel:
+    cfg = OmegaConf.structured(models.EATClassifierConfig)
     cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.max_length, cfg.num_classes = 16, DEPTH, 2, 8, 3
     cfg.layer_decay = DECAY
     torch.manual_seed(0)
-    return cls_ext.EATClassifierModel(cfg)
+    return models.EATClassifierModel(cfg)
 
 
 def _scale(name: str) -> float:
@@ -59,13 +59,13 @@ def _rule(n: int, scale: float) -> float:
 
 
 def _ours(model: torch.nn.Module, schedule: str = "per_group"):
-    opt_cfg = OmegaConf.structured(cls_ext.EATAdamConfig)
+    opt_cfg = OmegaConf.structured(optim.EATAdamConfig)
     opt_cfg.lr, opt_cfg.tpu, opt_cfg.adam_betas = [LR], False, [0.9, 0.95]
-    optimizer = cls_ext.EATAdam(opt_cfg, [p for p in model.parameters() if p.requires_grad])
-    sched_cfg = OmegaConf.structured(cls_ext.EATCosineConfig)
+    optimizer = optim.EATAdam(opt_cfg, [p for p in model.parameters() if p.requires_grad])
+    sched_cfg = OmegaConf.structured(optim.EATCosineConfig)
     sched_cfg.lr, sched_cfg.max_update, sched_cfg.warmup_updates, sched_cfg.min_lr = [LR], MAX_UPDATE, WARMUP, MIN_LR
     sched_cfg.layer_decay_schedule = schedule
-    return optimizer, cls_ext.EATCosineSchedule(sched_cfg, optimizer)
+    return optimizer, optim.EATCosineSchedule(sched_cfg, optimizer)
 
 
 def _release(model: torch.nn.Module):
@@ -172,9 +172,9 @@ def test_step_update_reports_the_full_rate_lr_and_plain_cosine_warns(caplog) -> 
     assert "eat_cosine" not in caplog.text
     cfg = OmegaConf.create({"_name": "cosine", "lr": [LR], "warmup_updates": WARMUP, "min_lr": MIN_LR,
                             "max_update": MAX_UPDATE})
-    opt_cfg = OmegaConf.structured(cls_ext.EATAdamConfig)
+    opt_cfg = OmegaConf.structured(optim.EATAdamConfig)
     opt_cfg.lr, opt_cfg.tpu = [LR], False
-    plain_opt = cls_ext.EATAdam(opt_cfg, list(_model().parameters()))
+    plain_opt = optim.EATAdam(opt_cfg, list(_model().parameters()))
     with caplog.at_level(logging.WARNING):
         build_lr_scheduler(cfg, plain_opt).step_update(10)
     assert "eat_cosine" in caplog.text

@@ -9,11 +9,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from eat_fairseq.core import clips
-from eat_fairseq.core.audio import load_audio, to_mono_16k
-from eat_fairseq.core.clips import choose_start, read_row, read_row_window, window_frames
-from eat_fairseq.core.features import FeatureConfig, waveform_to_features
-from eat_fairseq.core.manifest import ManifestError, ManifestRow, read_manifest
+from eat_fairseq.data import clips
+from eat_fairseq.data.audio import load_audio, to_mono_16k
+from eat_fairseq.data.clips import choose_start, read_row, read_row_window, window_frames
+from eat_fairseq.data.features import FeatureConfig, waveform_to_features
+from eat_fairseq.data.manifest import ManifestError, ManifestRow, read_manifest
 from helpers import REPO
 
 CFG = FeatureConfig(target_length=128)  # 1.295 s of audio at 16 kHz: 20720 samples
@@ -124,7 +124,7 @@ def test_bad_span_rows(tmp_path: Path) -> None:
     manifest.write_text(f"{tmp_path}\na.wav:0:0\t0\n")
     with pytest.raises(ManifestError, match=r":2: empty range"):
         read_manifest(str(manifest))
-    from eat_fairseq.core.audio import AudioError
+    from eat_fairseq.data.audio import AudioError
 
     with pytest.raises(AudioError, match=r"a\.wav .*manifest m\.tsv, line 2.*ends past the end of the file"):
         read_row(ManifestRow(str(path), 100, 2, "span", n - 50, 100, f"a.wav:{n - 50}:100"), manifest="m.tsv")
@@ -171,7 +171,7 @@ def _long_corpus(tmp_path: Path) -> Path:
 
 def test_dataset_random_crop_deterministic_across_instances_workers_and_epochs(tmp_path: Path) -> None:
     pytest.importorskip("fairseq")
-    from eat_fairseq.fairseq_ext.data import EATAudioDataset
+    from eat_fairseq.fairseq_ext.datasets import EATAudioDataset
 
     manifest = _long_corpus(tmp_path)
 
@@ -198,7 +198,7 @@ def test_dataset_random_crop_deterministic_across_instances_workers_and_epochs(t
 
 def test_dataset_default_crop_start_reads_window_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("fairseq")
-    from eat_fairseq.fairseq_ext.data import EATAudioDataset
+    from eat_fairseq.fairseq_ext.datasets import EATAudioDataset
 
     manifest = _long_corpus(tmp_path)
     ds = EATAudioDataset(str(manifest), CFG, shuffle=False)
@@ -244,7 +244,7 @@ def test_windows_tool_cuts_long_files(tmp_path: Path) -> None:
                              descriptors=dest / "label_descriptors.csv") == []
     assert main(args) == 2  # refuses to overwrite
     # every window is a clip: the dataset reads each one's frames
-    from eat_fairseq.fairseq_ext.data import EATAudioDataset
+    from eat_fairseq.fairseq_ext.datasets import EATAudioDataset
 
     ds = EATAudioDataset(str(dest / "train.tsv"), FeatureConfig(target_length=200), shuffle=False)
     full, _ = load_audio(audio / "long.wav")

@@ -1,10 +1,10 @@
-"""Tests for eat_fairseq.core.masking (reference section 3)."""
+"""Tests for eat_fairseq.model.masking (reference section 3)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eat_fairseq.core.masking import (
+from eat_fairseq.model.masking import (
     block_marks,
     inverse_block_mask,
     num_block_centres,

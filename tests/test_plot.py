@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from eat_fairseq.cli.plot import main as plot_main
-from eat_fairseq.plot import panel_of, panels, read_event_file, read_run, read_text_log
+from eat_fairseq.cli.curves import panel_of, panels, read_event_file, read_run, read_text_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -133,7 +133,7 @@ def test_distributed_two_process_cpu(data: Path, tmp_path: Path) -> None:
 
 def test_bf16_keeps_an_fp32_teacher(data: Path, tmp_path: Path) -> None:
     """common.bf16 casts the model; the EMA teacher stays fp32 with an exact position table."""
-    from eat_fairseq.core.encoder import sincos_pos_embed_2d
+    from eat_fairseq.model.encoder import sincos_pos_embed_2d
 
     save = tmp_path / "bf16"
     out = run(hydra_train_cmd(CONFIGS, "eat_tiny", tiny_overrides(data, save, 3, ("common.bf16=true",))), cwd=tmp_path)
@@ -154,8 +154,8 @@ def test_a_resume_restarts_the_stopped_wall_stopwatch() -> None:
     said wall=0); the eat tasks' begin_epoch starts it again and leaves a running one alone."""
     from fairseq.logging import metrics
 
-    from eat_fairseq.fairseq_ext.classification import EATClassificationTask
-    from eat_fairseq.fairseq_ext.pretraining import EATPretrainingTask
+    from eat_fairseq.fairseq_ext.tasks import EATClassificationTask
+    from eat_fairseq.fairseq_ext.tasks import EATPretrainingTask
 
     try:
         for task_class in (EATPretrainingTask, EATClassificationTask):

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eat_fairseq.core.decoder import CNNDecoder
-from eat_fairseq.core.ema import ema_decay_at, ema_update_
-from eat_fairseq.core.encoder import EncoderConfig
-from eat_fairseq.core.masking import inverse_block_mask
-from eat_fairseq.core.objective import frame_errors, teacher_targets, ufo_loss
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig, count_parameters
+from eat_fairseq.model.decoder import CNNDecoder
+from eat_fairseq.model.ema import ema_decay_at, ema_update_
+from eat_fairseq.model.encoder import EncoderConfig
+from eat_fairseq.model.masking import inverse_block_mask
+from eat_fairseq.model.objective import frame_errors, teacher_targets, ufo_loss
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig, count_parameters
 
 # -- EMA ------------------------------------------------------------------------------------------
 

@@ -11,11 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.core.features import FeatureConfig
-from eat_fairseq.core.objective import teacher_targets
-from eat_fairseq.core.pretraining import feature_spread, positional_share
-from eat_fairseq.core.probe import (_pool, ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.data.features import FeatureConfig
+from eat_fairseq.model.objective import teacher_targets
+from eat_fairseq.model.pretraining import feature_spread, positional_share
+from eat_fairseq.evaluation.probe import (_pool, ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
                                     load_probe_data, parse_splits)
 
 
@@ -165,7 +165,7 @@ def test_online_probe_only_observes(tmp_path: Path) -> None:
     it found them (fairseq also reseeds torch every update; numpy and Python RNGs it does not)."""
     import random
 
-    from eat_fairseq.core.probe import OnlineProbe
+    from eat_fairseq.evaluation.probe import OnlineProbe
 
     folder = write_tone_folder(tmp_path, splits=2, per_class=3)
     torch.manual_seed(0)

@@ -10,12 +10,9 @@ pytest.importorskip("fairseq")
 from helpers import REPO  # noqa: E402
 
 import eat_fairseq  # noqa: E402,F401
-from eat_fairseq.fairseq_ext.pretraining import (  # noqa: E402
-    EATModelConfig,
-    EATPretrainingTaskConfig,
-    pretrain_config_from,
-)
-from eat_fairseq.core.pretraining import PretrainConfig  # noqa: E402
+from eat_fairseq.fairseq_ext.models import EATModelConfig, pretrain_config_from  # noqa: E402
+from eat_fairseq.fairseq_ext.tasks import EATPretrainingTaskConfig  # noqa: E402
+from eat_fairseq.model.pretraining import PretrainConfig  # noqa: E402
 
 PRE = REPO / "examples" / "pretraining"
 FT = REPO / "examples" / "finetuning"
@@ -99,7 +96,7 @@ def test_spc2_bce_targets_are_not_smoothed_as_the_release() -> None:
     import torch
     import torch.nn.functional as F
 
-    from eat_fairseq.core.finetune_losses import finetune_loss
+    from eat_fairseq.model.finetune_losses import finetune_loss
 
     cfg = load(FT / "spc2.yaml")
     logits = torch.randn(4, 35, generator=torch.Generator().manual_seed(0))

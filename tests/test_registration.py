@@ -44,7 +44,7 @@ def test_import_is_light_and_inference_modules_never_import_fairseq() -> None:
         assert "torch" not in sys.modules, "import eat_fairseq should not even import torch"
         print("USER_DIR", eat_fairseq.USER_DIR)
         import eat_fairseq.cli.extract, eat_fairseq.cli.tag, eat_fairseq.cli.evaluate, eat_fairseq.cli.plot
-        import eat_fairseq.cli.user_dir, eat_fairseq.hear, eat_fairseq.api
+        import eat_fairseq.cli.user_dir, eat_fairseq.inference.hear, eat_fairseq.inference.api
         assert callable(eat_fairseq.load_model)
         print("LEAKED", sorted(m for m in sys.modules if m.split(".")[0] in {LIGHT_MODULES!r}))
         """)

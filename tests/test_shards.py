@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from eat_fairseq.core.clips import read_row
-from eat_fairseq.core.features import FeatureConfig
-from eat_fairseq.core.labels import LabelSet, read_split_labels
-from eat_fairseq.core.manifest import read_manifest
+from eat_fairseq.data.clips import read_row
+from eat_fairseq.data.features import FeatureConfig
+from eat_fairseq.data.labels import LabelSet, read_split_labels
+from eat_fairseq.data.manifest import read_manifest
 from eat_fairseq.prep.pack import pack_manifests, parse_size
 from eat_fairseq.prep.validate import validate_manifest
 from helpers import REPO
@@ -154,8 +154,8 @@ def test_features_identical_loose_and_packed_in_datasets(corpus: Path, tmp_path:
     """The issue's check: every clip's features from loose files and from shards are identical,
     in the pre-training and the fine-tuning (labelled) dataset, with workers."""
     pytest.importorskip("fairseq")
-    from eat_fairseq.fairseq_ext.classification import EATLabelledDataset
-    from eat_fairseq.fairseq_ext.data import EATAudioDataset
+    from eat_fairseq.fairseq_ext.datasets import EATLabelledDataset
+    from eat_fairseq.fairseq_ext.datasets import EATAudioDataset
 
     cfg = FeatureConfig(target_length=128)
     for flac in (False, True):
@@ -185,7 +185,7 @@ def test_plain_wav_members_skip_libsndfile_bit_identically(corpus: Path, tmp_pat
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """PCM-16 and float-32 WAV members are decoded with numpy (the fast path), and every read,
     whole or windowed, equals libsndfile's on the loose file; other encodings still use libsndfile."""
-    from eat_fairseq.core import clips
+    from eat_fairseq.data import clips
 
     dest = tmp_path / "packed"
     pack_manifests(corpus, dest, shard_size=150_000)

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from eat_fairseq.core.objective import teacher_targets
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig
+from eat_fairseq.model.objective import teacher_targets
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
 FRAMES = 64
 

@@ -1,4 +1,4 @@
-"""Tests for eat_fairseq.core.weights (reference section 7).
+"""Tests for eat_fairseq.checkpoints.weights (reference section 7).
 
 The released layouts are built here from the names and shapes listed in the reference, not from our
 own model, so a naming mistake in the model or in the mapping cannot cancel out. Base/large models
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from eat_fairseq.core.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.core.pretraining import EATPretrainingModel, PretrainConfig, count_parameters
-from eat_fairseq.core.weights import (
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig, count_parameters
+from eat_fairseq.checkpoints.weights import (
     extend_positions,
     from_hf,
     from_released,

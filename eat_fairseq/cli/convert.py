@@ -1,6 +1,6 @@
 """``eat-convert``: released EAT checkpoints (fairseq ``.pt`` or the Hugging Face port) <-> ours.
 
-The logic lives in :mod:`eat_fairseq.core.convert`; this is only argument parsing and reporting.
+The logic lives in :mod:`eat_fairseq.checkpoints.convert`; this is only argument parsing and reporting.
 Source files are read with the restricted unpickler (never full unpickling), so converting a file
 from the internet does not run code from it.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eat_fairseq.core.checkpoint import CheckpointError
-from eat_fairseq.core.convert import ConversionError, convert_file
+from eat_fairseq.checkpoints.load import CheckpointError
+from eat_fairseq.checkpoints.convert import ConversionError, convert_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,14 +53,14 @@ def read_finetuned_state(checkpoint: str) -> dict:
     import_layer_quietly()
     from omegaconf import OmegaConf
 
-    from eat_fairseq.core.checkpoint import CheckpointError
-    from eat_fairseq.fairseq_ext.classification import load_trusted_state
+    from eat_fairseq.checkpoints.convert import ConversionError, load_ours
+    from eat_fairseq.checkpoints.load import CheckpointError
 
     try:
-        state = load_trusted_state(checkpoint)
-    except CheckpointError as exc:
+        state = load_ours(checkpoint)
+    except (CheckpointError, ConversionError) as exc:
         raise UsageError(f"cannot load {checkpoint}: {checkpoint_message(exc)}") from exc
-    if state.get("cfg") is None:
+    if not state.get("cfg"):
         raise UsageError(f"{checkpoint}: not a fairseq checkpoint (no 'cfg'); eat-evaluate needs a fine-tuned one")
     cfg = OmegaConf.create(state["cfg"]) if not OmegaConf.is_config(state["cfg"]) else state["cfg"]
     task_name = str((cfg.get("task") or {}).get("_name", ""))
@@ -127,9 +127,9 @@ def evaluate(
     import numpy as np
     import torch
 
-    from eat_fairseq.core.labels import LabelError
-    from eat_fairseq.core.manifest import ManifestError
-    from eat_fairseq.core.metrics import evaluate_predictions, write_per_class_ap
+    from eat_fairseq.data.labels import LabelError
+    from eat_fairseq.data.manifest import ManifestError
+    from eat_fairseq.evaluation.metrics import evaluate_predictions, write_per_class_ap
 
     state = read_finetuned_state(checkpoint)
     split = split or default_split(state)
@@ -212,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(problem)
     apply_threads(parser, args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from eat_fairseq.core.audio import AudioError
+    from eat_fairseq.data.audio import AudioError
 
     try:
         result = evaluate(

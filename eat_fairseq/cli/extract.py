@@ -5,7 +5,7 @@
                 [--trust-checkpoint] [--use-teacher]
 
 INPUT is an audio file, a folder (searched recursively for audio files) or a TSV manifest, checked
-exactly as training checks it (:func:`eat_fairseq.core.manifest.read_manifest`: line 1 the root
+exactly as training checks it (:func:`eat_fairseq.data.manifest.read_manifest`: line 1 the root
 folder, then ``relative/path<TAB>n_samples`` rows, as written by ``eat-manifest``).
 
 Outputs:
@@ -49,15 +49,15 @@ from eat_fairseq.cli.common import (
 if TYPE_CHECKING:
     import torch
 
-    from eat_fairseq.core.manifest import ManifestRow
+    from eat_fairseq.data.manifest import ManifestRow
 
-    from eat_fairseq.api import EATModelHandle
+    from eat_fairseq.inference.api import EATModelHandle
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf"})
 """Suffixes picked up inside folders (files named on the command line are tried whatever their suffix)."""
 
 GRANULARITIES = ("utterance", "frame", "all")
-"""Same as :data:`eat_fairseq.api.GRANULARITIES` (repeated so ``--help`` does not import torch)."""
+"""Same as :data:`eat_fairseq.inference.api.GRANULARITIES` (repeated so ``--help`` does not import torch)."""
 
 
 class InputError(ValueError):
@@ -82,7 +82,7 @@ class AudioItem:
 def manifest_items(path: str) -> list[AudioItem]:
     """Rows of a TSV manifest, parsed by the core parser training uses (a missing root line, a
     malformed row or a non-integer length is an :class:`InputError` naming the file and line)."""
-    from eat_fairseq.core.manifest import ManifestError, read_manifest
+    from eat_fairseq.data.manifest import ManifestError, read_manifest
 
     try:
         root, rows = read_manifest(path, check_root=True)
@@ -95,8 +95,8 @@ def _row_name(row: "ManifestRow", root: str) -> str:
     """Output name of a manifest row: the file's path below the root; a span ``long.wav:START:LEN``
     becomes ``long@START.wav`` (the clip id training uses for windows); a shard member is named
     after the address it was packed from (``pack.py`` names members so)."""
-    from eat_fairseq.core.manifest import FILE, SHARD, SPAN, parse_address, window_id
-    from eat_fairseq.core.shards import source_address
+    from eat_fairseq.data.manifest import FILE, SHARD, SPAN, parse_address, window_id
+    from eat_fairseq.data.shards import source_address
 
     address = row.rel or os.path.relpath(row.path, root)
     if row.kind == SHARD:
@@ -166,10 +166,10 @@ def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
 
     Only regular files are opened (a FIFO named ``.wav`` would block the decoder forever).
     """
-    from eat_fairseq.core.audio import AudioError
+    from eat_fairseq.data.audio import AudioError
 
     if item.row is not None and item.row.kind != "file":
-        from eat_fairseq.core.clips import read_row
+        from eat_fairseq.data.clips import read_row
 
         wave, sr = read_row(item.row, item.manifest)
         return handle.prepare(wave, sample_rate=sr)
@@ -189,7 +189,7 @@ def progress(total: int, desc: str) -> Any:
 
 def clip_errors() -> tuple[type[BaseException], ...]:
     """Per-clip failures that skip the clip instead of stopping the run."""
-    from eat_fairseq.core.audio import AudioError
+    from eat_fairseq.data.audio import AudioError
 
     return (AudioError, OSError, ValueError, RuntimeError)
 
@@ -250,8 +250,8 @@ def report_errors(errors: list[tuple[str, str]], out_dir: Optional[Path], total:
 
 def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["EATModelHandle"]:
     """The model, or None after printing why it cannot be used (the device was checked before)."""
-    from eat_fairseq.api import load_model
-    from eat_fairseq.core.checkpoint import CheckpointError
+    from eat_fairseq.inference.api import load_model
+    from eat_fairseq.checkpoints.load import CheckpointError
 
     try:
         return load_model(

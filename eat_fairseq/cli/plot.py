@@ -6,7 +6,7 @@ RUN_DIR is a run's checkpoint folder (the recipes write TensorBoard logs to ``{s
 folder holding event files, or a folder with / the path of a fairseq text log (``hydra_train.log``).
 Panels: loss terms, learning rate, validation metrics (accuracy, mAP, AUC), ``probe_*`` scalars
 (accuracies and diagnostics apart) and the pre-training target / prediction variance, each drawn when
-present (:mod:`eat_fairseq.plot`). Needs matplotlib (``pip install eat_fairseq[plot]``).
+present (:mod:`eat_fairseq.cli.curves`). Needs matplotlib (``pip install eat_fairseq[plot]``).
 
 Exit status: 0 written; 1 nothing to plot or matplotlib missing; 2 RUN_DIR does not exist.
 """
@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.exists(args.run):
         return fail(prog, f"{args.run}: no such file or folder", 2)
     out = args.out or os.path.join(args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or ".", "curves.png")
-    from eat_fairseq.plot import plot_run
+    from eat_fairseq.cli.curves import plot_run
 
     try:
         summary = plot_run(args.run, out, title=args.title)

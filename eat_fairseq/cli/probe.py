@@ -8,7 +8,7 @@ For every checkpoint (ours, converted, released, or a Hugging Face ``.safetensor
 fine-tuned), every chosen layer and pooling, it fits a standardised logistic regression and a kNN
 classifier on frozen features and prints their accuracy (mean +- std over folds), next to the
 log-mel baseline (the same classifiers on pooled normalised fbank). See
-:mod:`eat_fairseq.core.probe` for the poolings, classifiers and folds. Runs without fairseq.
+:mod:`eat_fairseq.evaluation.probe` for the poolings, classifiers and folds. Runs without fairseq.
 
 Data: ``DIR/{split}.tsv`` (manifest), ``DIR/{split}.lbl`` (one label per clip) and
 ``DIR/label_descriptors.csv``. ``--folds auto`` holds out each labelled split in turn (e.g. one split
@@ -38,7 +38,7 @@ class ProbeCLIError(Exception):
 
 
 def _encoder_preset(name: str) -> Any:
-    from eat_fairseq.core.encoder import EncoderConfig
+    from eat_fairseq.model.encoder import EncoderConfig
 
     return {
         "tiny": EncoderConfig.tiny,
@@ -108,13 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Probe everything the arguments ask for; returns ``{"settings", "rows", "chance"}``."""
-    from eat_fairseq.api import load_model
-    from eat_fairseq.core.checkpoint import CheckpointError
-    from eat_fairseq.core.encoder import EATEncoder
-    from eat_fairseq.core.features import FeatureConfig
-    from eat_fairseq.core.labels import LabelError
-    from eat_fairseq.core.manifest import ManifestError
-    from eat_fairseq.core.probe import (POOLINGS, SplitSpec, chance_level, format_table, load_probe_data,
+    from eat_fairseq.inference.api import load_model
+    from eat_fairseq.checkpoints.load import CheckpointError
+    from eat_fairseq.model.encoder import EATEncoder
+    from eat_fairseq.data.features import FeatureConfig
+    from eat_fairseq.data.labels import LabelError
+    from eat_fairseq.data.manifest import ManifestError
+    from eat_fairseq.evaluation.probe import (POOLINGS, SplitSpec, chance_level, format_table, load_probe_data,
                                         parse_splits, probe_encoder, probe_logmel)
 
     if not os.path.isdir(args.data):

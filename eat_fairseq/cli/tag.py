@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def display_names(model_labels: list[str], path: str) -> tuple[list[str], Optional[str]]:
     """Display name per class from a labels CSV, plus a note on how they were matched (or None).
 
-    Raises :class:`~eat_fairseq.core.labels.LabelError` when the file fits the model neither by
+    Raises :class:`~eat_fairseq.data.labels.LabelError` when the file fits the model neither by
     label nor by index.
     """
-    from eat_fairseq.core.labels import LabelError, read_label_descriptors
+    from eat_fairseq.data.labels import LabelError, read_label_descriptors
 
     label_set = read_label_descriptors(path)
     by_label = dict(zip(label_set.labels, label_set.display_names))
@@ -96,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(prog, f"no audio files found in {args.audio}", 1)
     import numpy as np
 
-    from eat_fairseq.core.labels import LabelError
+    from eat_fairseq.data.labels import LabelError
 
     handle = load_for_cli(args, prog)
     if handle is None:

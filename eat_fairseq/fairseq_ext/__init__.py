@@ -1,15 +1,19 @@
-"""fairseq registration layer: importing this module registers every eat_* task, model and criterion.
+"""fairseq registration layer: importing this package registers every eat_* component.
+
+Split by fairseq role: :mod:`.tasks` (``eat_pretraining``, ``eat_classification``), :mod:`.datasets`,
+:mod:`.models` (``eat``, ``eat_classifier``), :mod:`.criterions` (``eat_ufo``, ``eat_classification``)
+and :mod:`.optim` (``eat_adam``, ``eat_cosine``). Each maps configs onto the pure-PyTorch packages.
 
 fairseq's ``--user-dir`` only auto-imports ``tasks/`` and ``models/`` sub-packages, and
 ``checkpoint_utils.load_model_ensemble_and_task`` imports nothing at all, so everything is imported
-here explicitly and ``import eat_fairseq`` is enough. The checkpoint allow-list is installed first so
-that resuming (including a distributed resume) works under torch's default ``weights_only`` loading,
-and fairseq's checkpoint writing is made atomic (:mod:`.checkpoint_io`) before any training starts.
+here explicitly and ``import eat_fairseq`` is enough. The checkpoint allow-list (an addition to
+torch's ``weights_only`` list, nothing replaced) is installed here, because fairseq loads a checkpoint
+before it sets up its task. fairseq's checkpoint writing and resuming are patched
+(:mod:`.checkpoint_io`) only when an ``eat_*`` task is set up for training, so other tasks in the same
+process keep fairseq's own functions.
 """
 from .checkpoint_compat import install_safe_globals
-from .checkpoint_io import install as install_atomic_checkpoints
 
 install_safe_globals()
-install_atomic_checkpoints()
 
-from . import classification, data, pretraining  # noqa: E402,F401
+from . import criterions, datasets, models, optim, tasks  # noqa: E402,F401

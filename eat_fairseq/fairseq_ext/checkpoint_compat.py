@@ -36,7 +36,7 @@ contain them; allow-listing would (a) hide the bug that put one there, (b) make 
 depends on the numpy major version (numpy 2 pickles ``numpy._core``, which numpy 1 cannot import) and
 (c) widen what every ``torch.load`` in the process accepts, since the registry is process-wide.
 Released EAT files do contain numpy scalars: read those with
-:func:`eat_fairseq.core.checkpoint.load_checkpoint` (restricted unpickler) and convert them with
+:func:`eat_fairseq.checkpoints.load.load_checkpoint` (restricted unpickler) and convert them with
 ``eat-convert``, never by widening this list.
 """
 from __future__ import annotations

@@ -6,10 +6,10 @@ with a plain ``shutil.copyfile``. A job killed during that copy (about 0.8 s for
 checkpoint) leaves a truncated ``checkpoint_last.pt``, and the next start fails in ``torch.load``
 although fairseq promises to resume from it.
 
-:func:`install` (run when fairseq imports this package) replaces, for local paths:
+:func:`install` (run when an ``eat_*`` task is set up for training) replaces, for local paths:
 
 - ``checkpoint_utils.torch_persistent_save``: the state is written to a unique temporary file in
-  the same folder, fsynced and renamed (:func:`eat_fairseq.core.atomic.atomic_write`);
+  the same folder, fsynced and renamed (:func:`eat_fairseq.checkpoints.atomic.atomic_write`);
 - the copies to the other names: the same temporary-file-and-rename procedure, so every
   ``checkpoint*.pt`` this training writes appears complete or not at all;
 - ``checkpoint_utils.load_checkpoint`` (the resume at start-up): it first deletes temporary files
@@ -33,7 +33,7 @@ from typing import Any, List, Optional
 import torch
 from omegaconf import open_dict
 
-from eat_fairseq.core.atomic import atomic_copy, atomic_write, remove_stale_temps
+from eat_fairseq.checkpoints.atomic import atomic_copy, atomic_write, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 

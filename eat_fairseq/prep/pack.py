@@ -18,8 +18,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from eat_fairseq.core.manifest import FILE, SHARD, SPAN, ManifestError, ManifestRow, read_manifest
-from eat_fairseq.core.shards import shard_members
+from eat_fairseq.data.manifest import FILE, SHARD, SPAN, ManifestError, ManifestRow, read_manifest
+from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
     PrepError,
     add_common_args,

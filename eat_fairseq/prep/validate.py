@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eat_fairseq.core.clips import open_clip
-from eat_fairseq.core.manifest import FILE, SHARD, SPAN, ManifestRow, id_for_path, parse_address
-from eat_fairseq.core.shards import shard_members
+from eat_fairseq.data.clips import open_clip
+from eat_fairseq.data.manifest import FILE, SHARD, SPAN, ManifestRow, id_for_path, parse_address
+from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
     MISSING,
     PROBE_FRAMES,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eat_fairseq.core.features import frame_geometry
-from eat_fairseq.core.manifest import FILE, SHARD, ManifestError, ManifestRow, parse_address, read_manifest, window_id
+from eat_fairseq.data.features import frame_geometry
+from eat_fairseq.data.manifest import FILE, SHARD, ManifestError, ManifestRow, parse_address, read_manifest, window_id
 from eat_fairseq.prep.common import (
     ManifestReport,
     PrepError,

@@ -443,7 +443,7 @@ def restricted_pickle_module(path: str = "<checkpoint>") -> types.SimpleNamespac
         return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
 
     return types.SimpleNamespace(
-        __name__="eat_fairseq.core.checkpoint.restricted_pickle",
+        __name__="eat_fairseq.checkpoints.load.restricted_pickle",
         Unpickler=RestrictedUnpickler,
         load=load,
         loads=loads,

@@ -29,8 +29,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from eat_fairseq.core.audio import load_audio, to_mono_16k
-from eat_fairseq.core.features import FeatureConfig, waveform_to_features
+from eat_fairseq.data.audio import load_audio, to_mono_16k
+from eat_fairseq.data.features import FeatureConfig, waveform_to_features
 from eat_fairseq.prep.audio_folder import write_audio_folder_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ outputs in {out}:
 
 def draw_curves(run_dir: Path, png: Path) -> str:
     """Training curves of the demo run (the library behind ``eat-plot``); a note when it cannot draw."""
-    from eat_fairseq.plot import plot_run
+    from eat_fairseq.cli.curves import plot_run
 
     try:
         summary = plot_run(str(run_dir), str(png), title="make demo: eat_tiny pre-training")

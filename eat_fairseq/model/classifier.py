@@ -1,7 +1,7 @@
 """EAT fine-tuning model: encoder -> pooled token -> LayerNorm -> Linear (reference section 4).
 
 Parameter names are ``encoder.*`` (the core :class:`EATEncoder`), ``fc_norm.*`` and ``head.*`` so
-``core.weights`` can map them to the released fine-tuned layout (``model.`` prefix + ``fc_norm``/``head``).
+``checkpoints.weights`` can map them to the released fine-tuned layout (``model.`` prefix + ``fc_norm``/``head``).
 
 Layer-wise learning-rate decay (:func:`layer_decay_scales`): with N blocks, block ``j`` (0-based,
 ``j = 0`` next to the input) gets ``layer_decay ** (N - j)``; the patch embedding, CLS token, position
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .encoder import EATEncoder, EncoderConfig
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
 
 POOLINGS = ("cls", "mean")
 

@@ -140,7 +140,7 @@ def id_for_path(clip_id: str, address: str) -> tuple[str, str] | None:
 
     For a span row a window id ``ID@START`` is reduced to ``ID`` when ``START`` is the span's first
     frame, and refused (None) when it is another frame; ids without ``@`` match as for whole files.
-    Shard rows must first be resolved to their member's name (:mod:`eat_fairseq.core.shards`).
+    Shard rows must first be resolved to their member's name (:mod:`eat_fairseq.data.shards`).
     """
     rel, kind, offset, _ = parse_address(address)
     if kind == SPAN:

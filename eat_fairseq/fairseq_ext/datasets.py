@@ -1,30 +1,36 @@
-"""Audio datasets for fairseq: a TSV manifest in, normalised Kaldi fbank out.
+"""Audio datasets for fairseq: a TSV manifest in, normalised Kaldi fbank (+ targets) out.
 
-The manifest format is the release's (reference section 6): the first line is the root folder, then
-one ``relative/path<TAB>n_samples`` row per clip; rows may also address a span of a long file or a
-member of a zip shard (:mod:`eat_fairseq.core.manifest`). Features are computed in the data-loader workers
-(``dataset.num_workers``), and so are the pre-training masks when a :class:`MaskSpec` is given, as in
-the release, so the training loop only gathers tensors.
+The manifest format is the release's (docs/reference.md section 6): the first line is the root folder,
+then one ``relative/path<TAB>n_samples`` row per clip; rows may also address a span of a long file or a
+member of a zip shard (:mod:`eat_fairseq.data.manifest`). Rows are read by the one row reader
+(:mod:`eat_fairseq.data.clips`) and turned into features by the one feature path
+(:func:`eat_fairseq.data.features.waveform_to_features`). Features are computed in the data-loader
+workers (``dataset.num_workers``), and so are the pre-training masks when a
+:class:`~eat_fairseq.model.masking.MaskSpec` is given, as in the release, so the training loop only
+gathers tensors.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
-from eat_fairseq.core.audio import AudioError, to_mono_16k
-from eat_fairseq.core.clips import CROP_MODES, read_row_window
-from eat_fairseq.core.features import FeatureConfig, waveform_to_features
-from eat_fairseq.core.manifest import ManifestError, ManifestRow, read_manifest  # noqa: F401  (re-exported)
-from eat_fairseq.core.masking import inverse_block_mask
+from eat_fairseq.data import augment
+from eat_fairseq.data.audio import AudioError, to_mono_16k
+from eat_fairseq.data.clips import CROP_MODES, read_row_window
+from eat_fairseq.data.features import FeatureConfig, waveform_to_features
+from eat_fairseq.data.labels import LabelError
+from eat_fairseq.data.manifest import ManifestError, ManifestRow, read_manifest  # noqa: F401  (re-exported)
+from eat_fairseq.data.sampling import WeightedEpochSampler
+from eat_fairseq.model.masking import MaskSpec
 
 logger = logging.getLogger(__name__)
+
 
 PLACEHOLDER = "placeholder"
 
@@ -34,23 +40,11 @@ def is_placeholder(sample: Any) -> bool:
     return isinstance(sample, dict) and bool(sample.get(PLACEHOLDER, False))
 
 
-@dataclass
-class MaskSpec:
-    """Settings for computing inverse block masks in the collater (pre-training only)."""
-
-    clone_batch: int = 16
-    mask_prob: float = 0.8
-    mask_length: int = 5
-    mask_prob_adjust: float = 0.07
-    patch_size: int = 16
-    seed: int = 1
-
-
 class EATAudioDataset(FairseqDataset):
     """Clips from a manifest as normalised fbank ``(1, T, F)`` (reference section 1).
 
     Rows may address whole files, spans of long files or members of zip shards
-    (:mod:`eat_fairseq.core.manifest`); only the frames the crop window uses are read.
+    (:mod:`eat_fairseq.data.manifest`); only the frames the crop window uses are read.
 
     Args:
         manifest: path of ``{split}.tsv``; its root folder (line 1) must exist.
@@ -60,14 +54,15 @@ class EATAudioDataset(FairseqDataset):
         on_error: ``"raise"`` (default) stops on a missing/unreadable/NaN file with an error naming the
             file and manifest line; ``"skip"`` logs the clip and leaves it out (see ``replace_bad``);
             the batch's ``skipped`` field counts such clips.
-        mask: when set, the collater adds ``net_input["mask"]`` of shape ``(B * clone_batch, P)``.
+        mask: when set, the collater adds ``net_input["mask"]`` of shape ``(B * clone_batch, P)``, drawn
+            from ``(seed, epoch, clip ids)`` (the model's :class:`MaskSpec`).
         shuffle: random order per epoch (training) or manifest order.
         crop: ``"start"`` (release): the first ``target_length`` frames; ``"random"``: a window at a
             random start drawn from (seed, epoch, manifest line), so any worker and a resumed run
             draw the same window.
         whole_file: decode whole clips and crop after the fbank, as the release did (cost grows with
             the file's length; features of clips longer than the window differ from the default's by
-            float32 rounding only, see :func:`eat_fairseq.core.clips.read_row_window`).
+            float32 rounding only, see :func:`eat_fairseq.data.clips.read_row_window`).
         replace_bad: with ``on_error="skip"``, put a readable clip (drawn from the seed, epoch and
             index) in place of a bad one, so every training batch is full and real: fairseq would
             otherwise take a step from its zero-gradient dummy batch, or crash when that dummy is
@@ -219,20 +214,12 @@ class EATAudioDataset(FairseqDataset):
         Seeding by content rather than by a worker's RNG state keeps masks reproducible whatever the
         number of workers.
         """
-        m = self.mask
-        assert m is not None
-        grid = (num_frames // m.patch_size, self.features.num_mel_bins // m.patch_size)
-        key = f"{m.seed}:{self.epoch}:" + ",".join(str(i) for i in ids.tolist())
+        spec = self.mask
+        assert spec is not None
+        key = f"{self.seed}:{self.epoch}:" + ",".join(str(i) for i in ids.tolist())
         seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
         gen = torch.Generator().manual_seed(seed)
-        return inverse_block_mask(
-            len(ids) * m.clone_batch,
-            grid,
-            mask_prob=m.mask_prob,
-            mask_length=m.mask_length,
-            mask_prob_adjust=m.mask_prob_adjust,
-            generator=gen,
-        )
+        return spec.draw(len(ids) * spec.clone_batch, spec.grid(num_frames, self.features.num_mel_bins), generator=gen)
 
     def num_tokens(self, index: int) -> int:
         # every clip is padded or cropped to target_length frames, so batches cost the same per clip
@@ -259,3 +246,86 @@ class EATAudioDataset(FairseqDataset):
 
     def filter_indices_by_size(self, indices: np.ndarray, max_sizes: Any):
         return indices, []
+
+
+class EATLabelledDataset(EATAudioDataset):
+    """:class:`EATAudioDataset` plus a ``target`` per clip and the clip-level training augmentations.
+
+    ``target`` in a batch is a multi-hot float (B, C) (multi-label) or class indices (B,) (single
+    label). With ``sampler`` set, each epoch is the sampler's weighted draw (balanced sampling).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        labels: List[List[int]],
+        num_classes: int,
+        multi_label: bool,
+        augment_clips: bool = False,
+        roll_and_gain: bool = False,
+        noise_and_roll: bool = False,
+        sampler: Optional[WeightedEpochSampler] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manifest, **kwargs)
+        data_lines = _data_line_numbers(manifest)
+        if len(data_lines) != len(labels):
+            raise LabelError(f"{manifest}: {len(data_lines)} rows but {len(labels)} label lines")
+        ordinal = {line: k for k, line in enumerate(data_lines)}
+        # the base class may have dropped short clips: keep the labels of the surviving rows
+        self.labels = [labels[ordinal[row.line]] for row in self.rows]
+        self.num_classes = num_classes
+        self.multi_label = multi_label
+        self.augment_clips = augment_clips
+        self.use_roll_and_gain = roll_and_gain
+        self.use_noise_and_roll = noise_and_roll
+        self.sampler = sampler
+
+    def _clip_generator(self, index: int) -> torch.Generator:
+        """Per-clip, per-epoch seed: reproducible whatever the number of loader workers."""
+        key = (int(self.seed) * 1_000_003 + int(self.epoch)) * 10_000_019 + int(index)
+        return torch.Generator().manual_seed(key % (2**63))
+
+    def load_features(self, index: int) -> torch.Tensor:
+        if not (self.augment_clips and (self.use_roll_and_gain or self.use_noise_and_roll)):
+            return super().load_features(index)
+        wave, sr = self.load_wave(index)
+        gen = self._clip_generator(index)
+        mono = to_mono_16k(wave, sr, self.features.sample_rate)
+        if self.use_roll_and_gain:
+            mono = augment.roll_and_gain(mono, generator=gen)
+        feats = waveform_to_features(mono, self.features.sample_rate, self.features)
+        if self.use_noise_and_roll:
+            feats = augment.noise_and_roll(feats, generator=gen)
+        return feats
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        item = super().__getitem__(index)
+        item["target"] = self.labels[item["id"]]  # the id of a replacement clip when one stood in
+        return item
+
+    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        batch = super().collater(samples)
+        if not batch:
+            return batch
+        labels = [self.labels[i] for i in batch["id"].tolist()]
+        if self.multi_label:
+            target = torch.zeros(len(labels), self.num_classes)
+            for row, classes in enumerate(labels):
+                target[row, classes] = 1.0
+        else:
+            target = torch.tensor([classes[0] for classes in labels], dtype=torch.long)
+        batch["target"] = target
+        return batch
+
+    def ordered_indices(self) -> np.ndarray:
+        if self.sampler is not None:
+            return self.sampler.indices(self.epoch)
+        return super().ordered_indices()
+
+
+def _data_line_numbers(manifest: str) -> List[int]:
+    """1-based line numbers of the non-empty data rows (the base dataset identifies rows by line)."""
+    with open(manifest, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    return [i for i, line in enumerate(lines[1:], start=2) if line.strip()]

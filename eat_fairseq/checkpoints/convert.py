@@ -7,26 +7,27 @@ and that ``torch.load(weights_only=True)`` accepts (plain containers and tensors
 - ``args``: None (fairseq's legacy slot; ``cfg`` is used instead);
 - ``cfg``: plain dicts ``common``, ``task`` (``_name`` ``eat_pretraining`` / ``eat_classification``
   plus the feature settings), ``model`` (``_name`` ``eat`` / ``eat_classifier`` with the fields of
-  :class:`~eat_fairseq.core.encoder.EncoderConfig` flattened, plus the
-  :class:`~eat_fairseq.core.pretraining.PretrainConfig` fields or ``num_classes``), ``criterion``;
+  :class:`~eat_fairseq.model.encoder.EncoderConfig` flattened, plus the
+  :class:`~eat_fairseq.model.pretraining.PretrainConfig` fields or ``num_classes``), ``criterion``;
 - ``model``: the state dict with the core's names (``encoder.* decoder.* teacher.* num_ema_updates``
   or ``encoder.* fc_norm.* head.*``);
 - ``criterion`` None, ``optimizer_history`` (one entry, ``num_updates`` 0), ``task_state``
   (``{"labels": {label: int}}`` for a classifier), ``extra_state`` {}.
 
-The model size is read from tensor shapes (:func:`eat_fairseq.core.weights.infer_encoder_config`),
+The model size is read from tensor shapes (:func:`eat_fairseq.checkpoints.weights.infer_encoder_config`),
 attention heads from the source cfg when it records them. Older files with a 512-row position
 table are extended to 6144 rows (768 time patches) with the same sin-cos formula, after checking
 that the stored rows agree with it. Every converted state dict is checked, key by key and shape by
 shape, against the model it will be loaded into (built on the ``meta`` device: no memory).
 
-Nothing here imports fairseq; files are read with :func:`eat_fairseq.core.checkpoint.load_checkpoint`
+Nothing here imports fairseq; files are read with :func:`eat_fairseq.checkpoints.load.load_checkpoint`
 (restricted unpickler) or safetensors, never by full unpickling.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,12 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .atomic import atomic_write
-from .checkpoint import CheckpointError, load_checkpoint, load_safetensors, to_plain
-from .encoder import EncoderConfig
-from .pretraining import PretrainConfig
-from .released_cfg import released_finetuning_cfg, released_pretraining_cfg
-from .weights import extend_positions, from_hf, from_released, infer_encoder_config, to_released
+from eat_fairseq.checkpoints.atomic import atomic_write
+from eat_fairseq.checkpoints.load import CheckpointError, load_checkpoint, load_safetensors, to_plain
+from eat_fairseq.model.encoder import EncoderConfig
+from eat_fairseq.model.pretraining import PretrainConfig
+from eat_fairseq.checkpoints.released_cfg import released_finetuning_cfg, released_pretraining_cfg
+from eat_fairseq.checkpoints.weights import extend_positions, from_hf, from_released, infer_encoder_config, to_released
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
@@ -55,6 +58,9 @@ __all__ = [
     "convert_to_released",
     "build_checkpoint",
     "read_any",
+    "load_ours",
+    "dig",
+    "is_safetensors",
     "convert_file",
 ]
 
@@ -110,7 +116,7 @@ class ConversionSummary:
 # helpers
 
 
-def _dig(tree: Any, *path: str) -> Any:
+def dig(tree: Any, *path: str) -> Any:
     """``tree[path[0]][path[1]]...`` or None when any level is missing."""
     for key in path:
         if not isinstance(tree, Mapping) or key not in tree:
@@ -142,7 +148,7 @@ def _plain_tensor(value: Any, name: str) -> Tensor:
 def _heads_from(cfg_model: Any, embed_dim: int, default: int) -> int:
     """Attention heads recorded in a source model cfg (if valid for ``embed_dim``), else ``default``."""
     for path in (("num_heads",), ("pretrained_model_args", "model", "num_heads"), ("num_attention_heads",)):
-        value = _dig(cfg_model, *path)
+        value = dig(cfg_model, *path)
         if isinstance(value, int) and value > 0 and embed_dim % value == 0:
             return value
     if embed_dim not in (768, 1024):
@@ -158,11 +164,11 @@ def _expected_shapes(kind: str, pre: PretrainConfig, num_classes: int | None) ->
     """Key -> shape of the model the converted state will be loaded into (built on ``meta``)."""
     with torch.device("meta"):
         if kind == "pretrained":
-            from .pretraining import EATPretrainingModel
+            from eat_fairseq.model.pretraining import EATPretrainingModel
 
             model: torch.nn.Module = EATPretrainingModel(pre)
         else:
-            from .classifier import EATClassifier
+            from eat_fairseq.model.classifier import EATClassifier
 
             model = EATClassifier(pre.encoder, int(num_classes or 1))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -203,16 +209,16 @@ def _pretrain_config(state: Mapping[str, Tensor], enc: EncoderConfig, cfg_model:
         "mask_length": ("modalities", "image", "mask_length"),
     }
     for name, path in source.items():
-        value = _dig(cfg_model, *path)
+        value = dig(cfg_model, *path)
         if value is None:
-            value = _dig(cfg_model, name)  # our own flat cfg
+            value = dig(cfg_model, name)  # our own flat cfg
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values[name] = type(values[name])(value)
     for name in ("utterance_loss_weight", "utterance_reduction", "mask_noise_std", "teacher_precision"):
-        value = _dig(cfg_model, name)
+        value = dig(cfg_model, name)
         if value is not None and isinstance(value, type(values[name])):
             values[name] = value
-    if _dig(cfg_model, "ema_same_dtype") is False:  # the release's switch for an fp32 teacher forward
+    if dig(cfg_model, "ema_same_dtype") is False:  # the release's switch for an fp32 teacher forward
         values["teacher_precision"] = "fp32"
     blocks = sorted(
         int(k.split(".")[2]) for k in state if k.startswith("decoder.blocks.") and k.endswith(".conv.weight")
@@ -266,7 +272,7 @@ def _labels_to_ints(labels: Any) -> dict[str, int]:
 
 def _task_defaults(num_classes: int | None) -> dict[str, Any]:
     """Feature settings per dataset: AudioSet (and pre-training), ESC-50 (50 classes), SPC-2 (35)."""
-    from .features import (
+    from eat_fairseq.data.features import (
         AUDIOSET_MEAN,
         AUDIOSET_STD,
         ESC50_MEAN,
@@ -361,10 +367,10 @@ def detect_source(ckpt: Mapping[str, Any]) -> tuple[str, str]:
     The cfg's ``model._name`` decides when present; otherwise the state-dict names do.
     """
     cfg = to_plain(ckpt.get("cfg")) if "cfg" in ckpt else None
-    name = _dig(cfg, "model", "_name")
+    name = dig(cfg, "model", "_name")
     if name is None and ckpt.get("args") is not None:
         args = to_plain(ckpt.get("args"))
-        name = _dig(args, "arch") or _dig(args, "_name")
+        name = dig(args, "arch") or dig(args, "_name")
     by_name = {
         RELEASED_PRETRAIN_NAME: ("released", "pretrained"),
         RELEASED_FINETUNE_NAME: ("released", "finetuned"),
@@ -442,7 +448,7 @@ def _released_task_overrides(cfg: Any) -> dict[str, Any]:
     """Feature settings the released task cfg records (only plain numbers are taken)."""
     out: dict[str, Any] = {}
     for key in ("target_length", "norm_mean", "norm_std", "sample_rate"):
-        value = _dig(cfg, "task", key)
+        value = dig(cfg, "task", key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = value
     return out
@@ -471,7 +477,7 @@ def convert_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[dict[
         if not any(k.startswith("decoder.") for k in state):
             raise ConversionError("released pre-trained checkpoint has no decoder weights")
     else:
-        task_labels = _dig(to_plain(ckpt.get("task_state")), "labels")
+        task_labels = dig(to_plain(ckpt.get("task_state")), "labels")
         labels = _labels_to_ints(task_labels) if task_labels is not None else None
     return _finish(dict(state), kind, cfg.get("model"), "released", labels, notes, _released_task_overrides(cfg))
 
@@ -511,7 +517,7 @@ def convert_hf(
             enc = infer_encoder_config(state)
         except KeyError as exc:
             raise ConversionError(str(exc)) from exc
-        from .encoder import sincos_pos_embed_2d
+        from eat_fairseq.model.encoder import sincos_pos_embed_2d
 
         state["encoder.pos_embed"] = sincos_pos_embed_2d(enc.embed_dim, FULL_MAX_LENGTH, enc.grid_w).unsqueeze(0)
         notes.append("no position table in the source: generated the fixed sin-cos table")
@@ -521,7 +527,7 @@ def convert_hf(
         for key in [k for k in state if k.startswith("encoder.")]:
             state["teacher." + key[len("encoder.") :]] = state[key]  # shared: saved once, copied on load
         pre = PretrainConfig.large(encoder=enc) if _size_name(enc) == "large" else PretrainConfig.base(encoder=enc)
-        from .decoder import CNNDecoder
+        from eat_fairseq.model.decoder import CNNDecoder
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -550,7 +556,7 @@ def convert_ours(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[dict[str,
     state = ckpt.get("model")
     if not isinstance(state, Mapping):
         raise ConversionError("checkpoint has no 'model' state dict")
-    labels = _dig(to_plain(ckpt.get("task_state")), "labels")
+    labels = dig(to_plain(ckpt.get("task_state")), "labels")
     labels = _labels_to_ints(labels) if labels is not None else None
     task = {k: v for k, v in (cfg.get("task") or {}).items() if k != "_name" and not isinstance(v, (dict, list))}
     return _finish(dict(state), kind, cfg.get("model"), "eat", labels, [], task)
@@ -561,7 +567,7 @@ def convert_to_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[di
 
     The state dict is mapped name by name (tensors unchanged; the EMA counter, which the release
     does not store, is dropped). The cfg is the complete one the release's own configs give this
-    model (:mod:`eat_fairseq.core.released_cfg`): model shape, EAT's training fields, the real
+    model (:mod:`eat_fairseq.checkpoints.released_cfg`): model shape, EAT's training fields, the real
     target length and masking, and the run's optimisation settings when ``ckpt`` records them.
     Labels are stored as the release does, ``{label: "index"}``.
     """
@@ -615,7 +621,7 @@ def convert_to_released(ckpt: Mapping[str, Any], kind: str = "auto") -> tuple[di
 # files
 
 
-def _is_safetensors(path: str) -> bool:
+def is_safetensors(path: str) -> bool:
     """By suffix, or by the safetensors header (8-byte little-endian length, then a JSON object)."""
     if path.endswith(".safetensors"):
         return True
@@ -643,7 +649,7 @@ def _read_hf_config(path: str) -> dict[str, Any] | None:
 def _read_source(path: str, kind: str) -> tuple[dict[str, Any], ConversionSummary, Mapping[str, Any] | None]:
     """``(our checkpoint, summary, the loaded .pt when it is one of ours)`` for any source file."""
     try:
-        if _is_safetensors(path):
+        if is_safetensors(path):
             ours, summary = convert_hf(load_safetensors(path), _read_hf_config(path), kind)
             return ours, summary, None
         ckpt = load_checkpoint(path)
@@ -666,13 +672,54 @@ def read_any(path: str | os.PathLike, kind: str = "auto") -> tuple[dict[str, Any
     return ours, summary
 
 
+_KEPT: dict[tuple, dict[str, Any]] = {}
+
+
+def load_ours(path: str | os.PathLike, trusted: bool = False, keep: bool = False) -> dict[str, Any]:
+    """Any checkpoint the project reads, in our layout: THE checkpoint loader of every consumer.
+
+    ``load_model`` (inference, eat-extract, eat-tag, HEAR), ``eat-evaluate`` and fine-tuning's
+    ``model.model_path`` all read checkpoints here. Our own files are used as they are (plain ``cfg``
+    and ``task_state`` containers, no re-validation pass); a released ``.pt`` and the Hugging Face
+    ``.safetensors`` port are converted in memory by the same code as ``eat-convert``. Reading goes
+    through the restricted unpickler (:func:`eat_fairseq.checkpoints.load.load_checkpoint`) unless
+    ``trusted``. ``keep``: remember this one file (keyed by path and modification time) for the next
+    call, because building a fine-tuning model reads it twice (config, then weights). Errors name the
+    file: :class:`CheckpointError` for unreadable files, :class:`ConversionError` for the rest.
+    """
+    path = os.fspath(path)
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, trusted)
+    if key in _KEPT:
+        return _KEPT[key]
+    if is_safetensors(path):
+        ours, _ = read_any(path)
+    else:
+        ckpt = load_checkpoint(path, trusted=trusted)
+        try:
+            if detect_source(ckpt)[0] == "released":
+                ours, summary = convert_released(ckpt)
+                logger.info("%s is a released EAT checkpoint; converted in memory:\n%s", path, "\n".join(summary.lines()))
+            elif not isinstance(ckpt.get("model"), Mapping):
+                raise ConversionError("no 'model' state dict in the checkpoint")
+            else:
+                ours = dict(ckpt)
+                ours["cfg"] = to_plain(ckpt.get("cfg")) or {}
+                ours["task_state"] = to_plain(ckpt.get("task_state")) or {}
+        except ConversionError as exc:
+            raise ConversionError(f"{path}: {exc}") from exc
+    _KEPT.clear()
+    if keep:
+        _KEPT[key] = ours
+    return ours
+
+
 def convert_file(
     src: str | os.PathLike, dst: str | os.PathLike, to: str = "eat", kind: str = "auto", force: bool = False
 ) -> ConversionSummary:
     """Convert ``src`` and write ``dst`` (``to="eat"``: our layout; ``"released"``: the authors' layout).
 
     Refuses to overwrite ``dst`` unless ``force``. The file is written with ``torch.save`` to a
-    temporary name, fsynced and renamed (:func:`eat_fairseq.core.atomic.atomic_write`), so a failed
+    temporary name, fsynced and renamed (:func:`eat_fairseq.checkpoints.atomic.atomic_write`), so a failed
     write never leaves a half-written ``dst``.
     """
     src, dst = os.fspath(src), os.fspath(dst)

@@ -11,7 +11,7 @@ Three external layouts exist:
   ``context_encoder.norm`` renamed ``pre_norm``.
 
 The mapping only renames keys; tensors are passed through untouched (same objects), so a round trip
-is exact. Only names are translated here: reading the pickled files is ``core.checkpoint``'s job.
+is exact. Only names are translated here: reading the pickled files is ``checkpoints.load``'s job.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .encoder import EncoderConfig, sincos_pos_embed_2d
+from eat_fairseq.model.encoder import EncoderConfig, sincos_pos_embed_2d
 
 __all__ = [
     "IMAGE_PREFIX",

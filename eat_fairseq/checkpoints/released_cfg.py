@@ -160,7 +160,7 @@ def released_pretraining_cfg(
 ) -> dict[str, Any]:
     """The release's full cfg for one of our pre-training models.
 
-    ``model``: our flat ``eat`` model cfg (encoder + :class:`~eat_fairseq.core.pretraining.PretrainConfig`
+    ``model``: our flat ``eat`` model cfg (encoder + :class:`~eat_fairseq.model.pretraining.PretrainConfig`
     fields); ``task``: our task cfg (``target_length``); ``training``: the whole cfg of the run that
     produced the weights, if known (``optimization``, ``dataset``, ``lr_scheduler``, ``common``,
     ``distributed_training``), whose values replace the recipe's.

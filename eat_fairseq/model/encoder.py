@@ -5,7 +5,7 @@ W = F/16 frequency columns, flattened TIME-MAJOR), adds fixed 2-D sin-cos positi
 masked patches, prepends a CLS token, applies one LayerNorm and then a stack of POST-LN transformer
 blocks. There is no final LayerNorm: the blocks already end in one.
 
-Parameter names follow docs/DESIGN.md so that ``core.weights`` can map them one-to-one to the
+Parameter names follow docs/DESIGN.md so that ``checkpoints.weights`` can map them one-to-one to the
 released checkpoint layout.
 """
 from __future__ import annotations

@@ -341,7 +341,7 @@ def waveform_to_features(
     Resample to ``cfg.sample_rate`` (when ``sr`` differs), remove the DC offset, fbank, pad/crop to
     ``cfg.target_length``, normalise. For a zero-padded batch pass ``lengths`` (valid samples at
     ``sr``): each row then equals processing its clip alone. Multi-channel audio must be mixed down
-    first (:func:`eat_fairseq.core.audio.to_mono_16k`).
+    first (:func:`eat_fairseq.data.audio.to_mono_16k`).
     """
     cfg = cfg if cfg is not None else FeatureConfig()
     if wave.dim() not in (1, 2):

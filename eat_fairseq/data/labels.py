@@ -9,7 +9,7 @@ Formats:
   (AudioSet's own ``class_labels_indices.csv`` has ``index,mid,display_name``). Display names may be
   quoted and contain commas, so the file is read with :mod:`csv`.
 - ``{split}.tsv``: first line the root directory, then ``relative/path<TAB>n_samples`` (or a span /
-  shard row, :mod:`eat_fairseq.core.manifest`).
+  shard row, :mod:`eat_fairseq.data.manifest`).
 - ``{split}.lbl``: one line per manifest row, ``clip_id<TAB>label1,label2,...``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import id_for_path, read_manifest
+from eat_fairseq.data.manifest import id_for_path, read_manifest
 
 
 class LabelError(ValueError):
@@ -106,7 +106,7 @@ def read_manifest_paths(tsv_path: str | os.PathLike, resolve_shards: bool = Fals
         raise LabelError(f"{tsv_path}: empty manifest (expected the root directory on line 1)")
     if not resolve_shards:
         return [line.split("\t")[0] for line in lines[1:] if line.strip()]
-    from .shards import source_address
+    from eat_fairseq.data.shards import source_address
 
     out = []
     for row in read_manifest(str(tsv_path))[1]:
@@ -125,7 +125,7 @@ def _id_matches(clip_id: str, address: str) -> bool:
 
     Accepted: the relative path with or without extension, the file name, the stem, and AudioSet's
     file namings of a YouTube id: ``Y{id}`` and ``{id}_{start}``. A window of a file (span row) is
-    named ``ID@START`` (or just ``ID``), see :func:`eat_fairseq.core.manifest.id_for_path`.
+    named ``ID@START`` (or just ``ID``), see :func:`eat_fairseq.data.manifest.id_for_path`.
     """
     pair = id_for_path(clip_id, address)
     if pair is None:

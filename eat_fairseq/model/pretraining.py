@@ -10,7 +10,7 @@ One forward computes everything the Utterance-Frame Objective needs:
 3. the CNN decoder predicts every patch; the frame error is taken on masked patches only, the
    utterance error between the student CLS and the patch-mean of the targets.
 
-The loss reduction itself lives in :func:`eat_fairseq.core.objective.ufo_loss` so that a trainer can
+The loss reduction itself lives in :func:`eat_fairseq.model.objective.ufo_loss` so that a trainer can
 divide by ``sample_size`` like fairseq does.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .decoder import CNNDecoder
-from .ema import ema_decay_at, ema_update_
-from .encoder import EATEncoder, EncoderConfig
-from .masking import inverse_block_mask
-from .objective import frame_errors, teacher_targets
+from eat_fairseq.model.decoder import CNNDecoder
+from eat_fairseq.model.ema import ema_decay_at, ema_update_
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.model.masking import MASK_LENGTH, MASK_PROB, MASK_PROB_ADJUST, MaskSpec
+from eat_fairseq.model.objective import frame_errors, teacher_targets
 
 __all__ = [
     "PretrainConfig",
@@ -46,9 +46,9 @@ class PretrainConfig:
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     clone_batch: int = 16
-    mask_prob: float = 0.8
-    mask_prob_adjust: float = 0.07
-    mask_length: int = 5
+    mask_prob: float = MASK_PROB
+    mask_prob_adjust: float = MASK_PROB_ADJUST
+    mask_length: int = MASK_LENGTH
     decoder_dim: int = 768
     decoder_depth: int = 6
     decoder_kernel_size: int = 3
@@ -62,6 +62,11 @@ class PretrainConfig:
     utterance_reduction: str = "release"
     target_position: str = "keep"
     teacher_precision: str = "release"
+
+    def mask_spec(self) -> MaskSpec:
+        """The masking of this model (the one spec for data-loader workers and the model itself)."""
+        return MaskSpec(clone_batch=self.clone_batch, mask_prob=self.mask_prob, mask_length=self.mask_length,
+                        mask_prob_adjust=self.mask_prob_adjust, patch_size=self.encoder.patch_size)
 
     @classmethod
     def base(cls, **overrides: Any) -> "PretrainConfig":
@@ -240,14 +245,7 @@ class EATPretrainingModel(nn.Module):
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
         """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""
-        return inverse_block_mask(
-            batch_size,
-            grid,
-            mask_prob=self.cfg.mask_prob,
-            mask_length=self.cfg.mask_length,
-            mask_prob_adjust=self.cfg.mask_prob_adjust,
-            device=device,
-        )
+        return self.cfg.mask_spec().draw(batch_size, grid, device=device)
 
     def forward(self, fbank: Tensor, mask: Tensor | None = None) -> dict[str, Any]:
         """Errors for the UFO loss.

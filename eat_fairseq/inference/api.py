@@ -6,7 +6,7 @@
     model.extract("clip.wav", granularity="frame") # (H, 768), one row per 160 ms time patch
     model.predict("clip.wav", top_k=3)             # fine-tuned only: [(label, score), ...]
 
-Everything here runs on :mod:`eat_fairseq.core` (pure PyTorch), so it works when fairseq, hydra or
+Everything here runs on the pure-PyTorch packages (model, data, checkpoints), so it works when fairseq, hydra or
 omegaconf are not installed (or fail to import). Checkpoints are read with the core's restricted
 unpickler unless ``trusted=True``.
 
@@ -17,7 +17,7 @@ unpickler unless ``trusted=True``.
 - our fine-tuned checkpoints (model ``eat_classifier``: ``encoder.*``, ``fc_norm.*``, ``head.*``,
   labels from ``task_state["labels"]``);
 - released EAT files and the Hugging Face port's ``.safetensors``, converted in memory by
-  :mod:`eat_fairseq.core.convert` (the same conversion ``eat-convert`` writes to disk).
+  :mod:`eat_fairseq.checkpoints.convert` (the same conversion ``eat-convert`` writes to disk).
 
 Feature settings (``target_length``, ``norm_mean``, ``norm_std``, ``sample_rate``) come from
 ``cfg.task``; missing ones default to the AudioSet settings.
@@ -37,7 +37,7 @@ Feature settings (``target_length``, ``norm_mean``, ``norm_std``, ``sample_rate`
 
 Arrays are at ``sample_rate`` (default: the model's rate, 16 kHz); integer arrays are read as PCM
 and scaled to [-1, 1) like soundfile does. Every clip is mixed down to mono
-first, then resampled (:func:`eat_fairseq.core.audio.to_mono_16k`).
+first, then resampled (:func:`eat_fairseq.data.audio.to_mono_16k`).
 
 **Long audio.** The encoder sees windows of ``target_length`` fbank frames (1024 frames = 10.24 s
 for AudioSet models). The fbank of the whole clip is computed once and cut into consecutive,
@@ -83,13 +83,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .core.audio import AudioError, load_audio, to_mono_16k
-from .core.checkpoint import CheckpointError, load_checkpoint, to_plain
-from .core.classifier import EATClassifier
-from .core.convert import _dig, _is_safetensors
-from .core.encoder import EATEncoder, EncoderConfig
-from .core.features import FeatureConfig, frame_geometry, kaldi_fbank, normalize, num_frames, remove_dc
-from .core.weights import infer_encoder_config
+from eat_fairseq.data.audio import AudioError, load_audio, to_mono_16k
+from eat_fairseq.checkpoints.load import CheckpointError
+from eat_fairseq.model.classifier import EATClassifier
+from eat_fairseq.checkpoints.convert import dig
+from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
+from eat_fairseq.data.features import FeatureConfig, frame_geometry, kaldi_fbank, normalize, num_frames, remove_dc
+from eat_fairseq.checkpoints.weights import infer_encoder_config
 
 __all__ = [
     "AudioInput",
@@ -111,30 +111,13 @@ class ModelLoadError(CheckpointError):
 
 
 def _read_checkpoint(path: str, trusted: bool) -> dict[str, Any]:
-    """Our checkpoint layout (plain cfg dicts + core state-dict names), converting foreign layouts.
-
-    Released ``.pt`` files and the Hugging Face port are converted in memory by the same code as
-    ``eat-convert``; our own files are used as they are (no re-validation pass needed).
-    """
-    from .core.convert import ConversionError, convert_released, detect_source, read_any
+    """Our checkpoint layout through the one loader (:func:`eat_fairseq.checkpoints.convert.load_ours`)."""
+    from eat_fairseq.checkpoints.convert import ConversionError, load_ours
 
     try:
-        if _is_safetensors(path):
-            ours, _ = read_any(path)
-            return ours
-        ckpt = load_checkpoint(path, trusted=trusted)
-        fmt, _ = detect_source(ckpt)
-        if fmt == "released":
-            ours, _ = convert_released(ckpt)
-            return ours
+        return load_ours(path, trusted=trusted)
     except ConversionError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
-    out = dict(ckpt)
-    out["cfg"] = to_plain(ckpt.get("cfg")) or {}
-    out["task_state"] = to_plain(ckpt.get("task_state")) or {}
-    if not isinstance(ckpt.get("model"), Mapping):
-        raise ModelLoadError(f"{path}: no 'model' state dict in the checkpoint")
-    return out
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _encoder_config(state: Mapping[str, Tensor], cfg_model: Mapping[str, Any], prefix: str) -> EncoderConfig:
@@ -175,10 +158,10 @@ def _feature_config(cfg_task: Mapping[str, Any], num_mel_bins: int) -> FeatureCo
 def _multi_label(cfg: Mapping[str, Any]) -> bool:
     """Sigmoid scores for heads trained with BCE (even single-label sets such as Speech Commands),
     softmax for cross-entropy; the training loss decides first, the task's label format second."""
-    loss = _dig(cfg, "criterion", "loss")
+    loss = dig(cfg, "criterion", "loss")
     if isinstance(loss, str):
         return not loss.startswith("ce")
-    flag = _dig(cfg, "task", "multi_label")
+    flag = dig(cfg, "task", "multi_label")
     if isinstance(flag, bool):
         return flag
     return True
@@ -225,7 +208,7 @@ def load_model(
         use_teacher: pre-training checkpoints only: use the EMA teacher instead of the student.
         batch_size: windows per forward pass (see :attr:`EATModelHandle.batch_size`).
 
-    Raises :class:`~eat_fairseq.core.checkpoint.CheckpointError` (or its subclass
+    Raises :class:`~eat_fairseq.checkpoints.load.CheckpointError` (or its subclass
     :class:`ModelLoadError`) naming the file when it cannot be read or used.
     """
     name = os.fspath(path)
@@ -289,8 +272,8 @@ class EATModelHandle:
     Attributes:
         kind: ``"pretrained"`` (encoder of a pre-training checkpoint), ``"classifier"`` (fine-tuned,
             with head) or ``"encoder"`` (a bare encoder state).
-        encoder: the :class:`~eat_fairseq.core.encoder.EATEncoder` (eval mode).
-        classifier: the :class:`~eat_fairseq.core.classifier.EATClassifier` or None.
+        encoder: the :class:`~eat_fairseq.model.encoder.EATEncoder` (eval mode).
+        classifier: the :class:`~eat_fairseq.model.classifier.EATClassifier` or None.
         feature_cfg: fbank settings from the checkpoint's task.
         labels: class labels in head order (fine-tuned models), else None.
         multi_label: sigmoid (True) or softmax (False) scores; None without a head.
@@ -411,7 +394,7 @@ class EATModelHandle:
     def prepare(self, audio: AudioInput, sample_rate: int | None = None) -> Tensor:
         """One clip -> mono float32 waveform (S,) at the model's rate, on the CPU.
 
-        Raises :class:`~eat_fairseq.core.audio.AudioError` for unreadable files and for clips
+        Raises :class:`~eat_fairseq.data.audio.AudioError` for unreadable files and for clips
         shorter than one 25 ms frame, ``ValueError`` for arrays of the wrong shape.
         """
         if isinstance(audio, (str, os.PathLike)):

@@ -1,6 +1,6 @@
 """HEAR 2021 API (https://hearbenchmark.com/hear-api.html) for EAT checkpoints.
 
-    import eat_fairseq.hear as hear
+    import eat_fairseq.inference.hear as hear
     model = hear.load_model("eat_base_pretrained.pt")
     scene = hear.get_scene_embeddings(audio, model)           # (n_sounds, D)
     frames, ts = hear.get_timestamp_embeddings(audio, model)  # (n_sounds, n_timestamps, D), ms
@@ -10,7 +10,7 @@
 samples), are refused with a ``ValueError`` instead of returning NaN or padding-only embeddings.
 
 - Scene embedding: the encoder's CLS output (for sounds longer than one window, the mean of the
-  per-window CLS outputs weighted by their real frames; see :mod:`eat_fairseq.api`).
+  per-window CLS outputs weighted by their real frames; see :mod:`eat_fairseq.inference.api`).
 - Timestamp embeddings: one per 160 ms time patch, the mean over its 8 frequency patches; the
   timestamp is the patch centre, ``160 j + 87.5`` ms (patch ``j`` spans ``[160 j, 160 j + 175)`` ms
   because a fbank frame is 25 ms long). So ``n_timestamps = ceil(n_frames / 16)`` with
@@ -18,7 +18,7 @@ samples), are refused with a ``ValueError`` instead of returning NaN or padding-
   centred on the frames the sound has, so every timestamp lies within the sound (1 s: 977.5 ms last).
 
 Both come from the last block by default; set ``model.layer`` to use another block (0-based).
-Runs on :mod:`eat_fairseq.core` only (no fairseq needed). ``model.to("cuda")`` moves the encoder;
+Runs on the pure-PyTorch packages only (no fairseq needed). ``model.to("cuda")`` moves the encoder;
 embeddings are computed on the model's device and returned on the audio's device.
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .api import EATModelHandle
-from .api import load_model as _load_handle
-from .core.features import frame_geometry
+from eat_fairseq.inference.api import EATModelHandle
+from eat_fairseq.inference.api import load_model as _load_handle
+from eat_fairseq.data.features import frame_geometry
 
 __all__ = ["HearModel", "load_model", "get_scene_embeddings", "get_timestamp_embeddings", "CHECKPOINT_ENV"]
 
@@ -62,7 +62,7 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str = "", device: Optional[str] = None, layer: Optional[int] = None) -> HearModel:
-    """Load an EAT checkpoint (any kind :func:`eat_fairseq.api.load_model` accepts) as a HEAR model.
+    """Load an EAT checkpoint (any kind :func:`eat_fairseq.inference.api.load_model` accepts) as a HEAR model.
 
     An empty ``model_file_path`` reads the path from ``$EAT_HEAR_CHECKPOINT`` (nothing is downloaded).
     ``device`` defaults to CUDA when available.
@@ -78,7 +78,7 @@ def load_model(model_file_path: str = "", device: Optional[str] = None, layer: O
 def _check_audio(audio: Any, model: HearModel) -> Tensor:
     """``audio`` as a float tensor ``(n_sounds, n_samples)``, or a ``ValueError`` saying what is wrong."""
     if not isinstance(model, HearModel):
-        raise TypeError(f"model must come from eat_fairseq.hear.load_model, got {type(model).__name__}")
+        raise TypeError(f"model must come from eat_fairseq.inference.hear.load_model, got {type(model).__name__}")
     if not isinstance(audio, Tensor):
         audio = torch.as_tensor(np.asarray(audio))
     if audio.dim() != 2:

@@ -14,7 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Dict
 
-from .manifest import SHARD, ManifestRow
+from eat_fairseq.data.manifest import SHARD, ManifestRow
 
 __all__ = ["ShardMember", "shard_members", "source_address", "LOCAL_HEADER_SIZE"]
 

@@ -1,7 +1,7 @@
 """Manifest rows to waveforms: whole files, spans of long files, members of zip shards.
 
 Every reader of a manifest (pre-training, fine-tuning, eat-extract, validation) goes through this
-module, so all three kinds of row (:mod:`eat_fairseq.core.manifest`) are read the same way and fail
+module, so all three kinds of row (:mod:`eat_fairseq.data.manifest`) are read the same way and fail
 with the same messages. Reads touch only the frames that are used: a clip of a 10-minute recording
 costs what a 10-second file costs, because the file is opened, seeked and only the window decoded.
 
@@ -22,9 +22,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .audio import AudioError, to_mono_16k
-from .features import FeatureConfig, frame_geometry
-from .manifest import SHARD, SPAN, ManifestRow
+from eat_fairseq.data.audio import AudioError, to_mono_16k
+from eat_fairseq.data.features import FeatureConfig, frame_geometry
+from eat_fairseq.data.manifest import SHARD, SPAN, ManifestRow
 
 __all__ = [
     "ClipSource",
@@ -263,14 +263,14 @@ def _checked(data: np.ndarray, row: ManifestRow, where: str) -> torch.Tensor:
 
 def read_row(row: ManifestRow, manifest: Optional[str] = None) -> tuple[torch.Tensor, int]:
     """The whole clip of a row as ``(wave (C, S) float32, sample_rate)``, validated like
-    :func:`eat_fairseq.core.audio.load_audio` (which it equals for a plain file row)."""
+    :func:`eat_fairseq.data.audio.load_audio` (which it equals for a plain file row)."""
     with open_clip(row, manifest) as clip:
         return _checked(clip.read(), row, _where(row, manifest)), clip.samplerate
 
 
 def load_row_waveform(row: ManifestRow, target_sr: int = 16000, manifest: Optional[str] = None) -> torch.Tensor:
     """The whole clip of a manifest row (file, span or shard member) as mono float32 (S,) at
-    ``target_sr``: the row-level counterpart of :func:`eat_fairseq.core.audio.load_waveform`."""
+    ``target_sr``: the row-level counterpart of :func:`eat_fairseq.data.audio.load_waveform`."""
     wave, sr = read_row(row, manifest)
     return to_mono_16k(wave, sr, target_sr)
 

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import load_waveform
-from .encoder import EATEncoder
-from .features import FeatureConfig, kaldi_fbank, normalize, pad_or_crop, remove_dc
-from .labels import read_label_descriptors, read_split_labels
-from .manifest import read_manifest
+from eat_fairseq.data.audio import load_waveform
+from eat_fairseq.model.encoder import EATEncoder
+from eat_fairseq.data.features import FeatureConfig, kaldi_fbank, normalize, pad_or_crop, remove_dc
+from eat_fairseq.data.labels import read_label_descriptors, read_split_labels
+from eat_fairseq.data.manifest import read_manifest
 
 __all__ = [
     "POOLINGS",

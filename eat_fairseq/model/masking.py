@@ -13,10 +13,44 @@ columns.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-__all__ = ["num_visible", "num_block_centres", "block_marks", "inverse_block_mask"]
+__all__ = ["MASK_PROB", "MASK_LENGTH", "MASK_PROB_ADJUST", "MaskSpec", "num_visible", "num_block_centres",
+           "block_marks", "inverse_block_mask"]
+
+# EAT-base's masking (docs/reference.md section 3): the one source of these defaults
+MASK_PROB = 0.8
+MASK_LENGTH = 5
+MASK_PROB_ADJUST = 0.07
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How a pre-training batch is masked: the settings of the model that trains on the masks.
+
+    Built from the model's config (:meth:`eat_fairseq.model.pretraining.PretrainConfig.mask_spec`), so
+    the masks drawn in data-loader workers and those the model draws itself cannot disagree, and the
+    patch grid always uses the encoder's patch size.
+    """
+
+    clone_batch: int
+    mask_prob: float
+    mask_length: int
+    mask_prob_adjust: float
+    patch_size: int
+
+    def grid(self, num_frames: int, num_mel_bins: int) -> tuple[int, int]:
+        """The ``(H, W)`` patch grid of a ``(num_frames, num_mel_bins)`` fbank."""
+        return num_frames // self.patch_size, num_mel_bins // self.patch_size
+
+    def draw(self, rows: int, grid: tuple[int, int], generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> Tensor:
+        """``(rows, H*W)`` inverse block masks (True = masked) with these settings."""
+        return inverse_block_mask(rows, grid, mask_prob=self.mask_prob, mask_length=self.mask_length,
+                                  mask_prob_adjust=self.mask_prob_adjust, generator=generator, device=device)
 
 
 def num_visible(num_patches: int, mask_prob: float) -> int:
@@ -50,7 +84,7 @@ def block_marks(
     batch_size: int,
     grid: tuple[int, int],
     num_centres: int,
-    mask_length: int = 5,
+    mask_length: int = MASK_LENGTH,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -84,9 +118,9 @@ def block_marks(
 def inverse_block_mask(
     batch_size: int,
     grid: tuple[int, int],
-    mask_prob: float = 0.8,
-    mask_length: int = 5,
-    mask_prob_adjust: float = 0.07,
+    mask_prob: float = MASK_PROB,
+    mask_length: int = MASK_LENGTH,
+    mask_prob_adjust: float = MASK_PROB_ADJUST,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:

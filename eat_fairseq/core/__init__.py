@@ -1,1 +1,0 @@
-"""Pure-PyTorch core of EAT. Nothing under this package may import fairseq."""
