@@ -64,7 +64,7 @@ def write_corpus(root: Path, name: str, clips: int, sr: int, channels: int, fmt:
 
 
 def release_features(path: str) -> torch.Tensor:
-    """The release's per-clip path (reference section 1), one clip at a time with torchaudio."""
+    """The release's per-clip path (docs/reference.md section 1), one clip at a time with torchaudio."""
     data, sr = sf.read(path, dtype="float32", always_2d=True)
     wave = torch.from_numpy(data.T.copy())
     if sr != 16000:

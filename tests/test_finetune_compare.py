@@ -1,4 +1,4 @@
-"""benchmarks/finetune_compare.py: fold plan, fold data, fair overrides, and an end-to-end run of both arms."""
+"""experiments/finetune_compare.py: fold plan, fold data, fair overrides, and an end-to-end run of both arms."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ pytest.importorskip("fairseq")
 
 from helpers import REPO, hydra_train_cmd, make_audio_corpus, run  # noqa: E402
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 import finetune_compare as fc  # noqa: E402
 
 from eat_fairseq.checkpoints.load import load_checkpoint  # noqa: E402
@@ -24,7 +24,7 @@ from eat_fairseq.checkpoints.convert import build_checkpoint  # noqa: E402
 from eat_fairseq.model.encoder import EncoderConfig  # noqa: E402
 from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig  # noqa: E402
 
-SCRIPT = REPO / "benchmarks" / "finetune_compare.py"
+SCRIPT = REPO / "experiments" / "finetune_compare.py"
 CONFIGS_PRE = REPO / "examples" / "pretraining"
 SPEAKERS = ("carl", "anna", "bob")  # not sorted on purpose
 # feature settings unlike the recipe's (128 frames, AudioSet statistics): the runs must take the checkpoint's

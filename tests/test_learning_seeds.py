@@ -1,4 +1,4 @@
-"""benchmarks/learning_seeds.py: runs that differ in the pre-training seed, paired split by split."""
+"""experiments/learning_seeds.py: runs that differ in the pre-training seed, paired split by split."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from helpers import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 import learning_seeds  # noqa: E402
 
 SPLITS = ["a", "b", "c"]

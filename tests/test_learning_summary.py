@@ -1,4 +1,4 @@
-"""benchmarks/learning.py: the summary picks each model's best row overall and per pooling."""
+"""experiments/learning.py: the summary picks each model's best row overall and per pooling."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import pytest
 
 from helpers import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 import learning  # noqa: E402
 
 

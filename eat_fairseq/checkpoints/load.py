@@ -2,7 +2,7 @@
 
 A ``.pt`` file is a pickle, and unpickling can call any importable function. torch's default
 ``weights_only=True`` loader is safe but rejects what fairseq files legitimately hold (numpy scalars
-in training state, omegaconf objects, fairseq dataclasses; reference section 7), and plain
+in training state, omegaconf objects, fairseq dataclasses; docs/reference.md section 7), and plain
 ``torch.load(weights_only=False)`` runs whatever the file asks for. This module is the middle way:
 ``torch.load`` driven by a restricted unpickler whose ``find_class`` decides, for every global the
 file names, one of three things.

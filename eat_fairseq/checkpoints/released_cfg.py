@@ -265,7 +265,7 @@ def finetune_dataset_kind(num_classes: int) -> str:
     return {50: "esc50", 35: "spc2"}.get(int(num_classes), "audioset")
 
 
-# per dataset: the release's finetuning.yaml plus the overrides of its scripts (reference section 4)
+# per dataset: the release's finetuning.yaml plus the overrides of its scripts (docs/reference.md section 4)
 _FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
     "audioset": {"batch": 96, "lr": 5e-5, "max_update": 300000, "warmup": 30000, "target_length": 1024,
                  "mixup": 0.8, "mask_ratio": 0.2, "label_smoothing": 0.0, "noise": False, "seed": 1,

@@ -1,4 +1,4 @@
-"""Name mapping between this package's state dicts and the released EAT layouts (reference section 7).
+"""Name mapping between this package's state dicts and the released EAT layouts (docs/reference.md section 7).
 
 Three external layouts exist:
 

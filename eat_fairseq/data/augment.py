@@ -1,4 +1,4 @@
-"""Training-only augmentations for fine-tuning (reference sections 1.5 and 4).
+"""Training-only augmentations for fine-tuning (docs/reference.md sections 1.5 and 4).
 
 Batch level, in this order (reference 4): :func:`mixup` on fbank and labels, then
 :func:`spec_augment`. Clip level, in the data loader (reference 1.5): :func:`roll_and_gain` on the

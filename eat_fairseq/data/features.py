@@ -3,7 +3,7 @@
 The released EAT checkpoints were trained on ``torchaudio.compliance.kaldi.fbank`` features computed
 one clip at a time. This module reproduces those numbers (within float32 rounding) but for a whole
 zero-padded batch in one call, on any device, so feature extraction can run on the GPU next to the
-model instead of being the data loader's bottleneck. See ``docs/eat-reference.md`` section 1.
+model instead of being the data loader's bottleneck. See ``docs/reference.md`` section 1.
 
 Pipeline (:func:`waveform_to_features`): resample -> subtract the waveform mean (DC) -> fbank ->
 zero-pad at the end / crop from frame 0 -> ``(x - mean) / (2 * std)``.

@@ -1,4 +1,4 @@
-"""Label files for fine-tuning (reference section 6), validated before any training starts.
+"""Label files for fine-tuning (docs/reference.md section 6), validated before any training starts.
 
 A mislabelled corpus trains silently into a useless model, so every inconsistency between
 ``label_descriptors.csv``, ``{split}.lbl`` and ``{split}.tsv`` is a :class:`LabelError` that names

@@ -1,4 +1,4 @@
-"""TSV manifests (reference section 6), parsed without fairseq so every reader shares one parser.
+"""TSV manifests (docs/reference.md section 6), parsed without fairseq so every reader shares one parser.
 
 The format is the release's: the first line is the audio root folder, then one
 ``ADDRESS<TAB>n_samples`` row per clip. Training, evaluation, extraction and validation all read

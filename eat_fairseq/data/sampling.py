@@ -1,4 +1,4 @@
-"""Balanced sampling for AudioSet-2M fine-tuning (reference section 4).
+"""Balanced sampling for AudioSet-2M fine-tuning (docs/reference.md section 4).
 
 AudioSet is heavily skewed (speech and music dominate), so each epoch draws a fixed number of clips
 (200k in the reference) WITHOUT replacement with probability proportional to a per-clip weight that

@@ -1,4 +1,4 @@
-"""Evaluation metrics for fine-tuning (reference section 4), in numpy, without scikit-learn.
+"""Evaluation metrics for fine-tuning (docs/reference.md section 4), in numpy, without scikit-learn.
 
 ``average_precision`` and ``roc_auc`` reproduce scikit-learn's ``average_precision_score`` and
 ``roc_auc_score`` per class (ties included), so our mAP numbers are comparable with published ones.

@@ -41,7 +41,7 @@ def is_placeholder(sample: Any) -> bool:
 
 
 class EATAudioDataset(FairseqDataset):
-    """Clips from a manifest as normalised fbank ``(1, T, F)`` (reference section 1).
+    """Clips from a manifest as normalised fbank ``(1, T, F)`` (docs/reference.md section 1).
 
     Rows may address whole files, spans of long files or members of zip shards
     (:mod:`eat_fairseq.data.manifest`); only the frames the crop window uses are read.

@@ -87,9 +87,9 @@ class EATEncoderFields(FairseqDataclass):
 
 @dataclass
 class EATModelConfig(EATEncoderFields):
-    """Pre-training model: the encoder (reference section 2; dropouts and drop path 0) plus:"""
+    """Pre-training model: the encoder (docs/reference.md section 2; dropouts and drop path 0) plus:"""
 
-    # multi-mask (reference section 3)
+    # multi-mask (docs/reference.md section 3)
     clone_batch: int = field(default=_PRETRAIN.clone_batch, metadata={"help": "masked copies per clip (multi-mask)"})
     mask_prob: float = field(default=_PRETRAIN.mask_prob, metadata={"help": "fraction of patches masked"})
     mask_prob_adjust: float = field(default=_PRETRAIN.mask_prob_adjust, metadata={"help": "extra block centres in inverse masking"})
@@ -159,7 +159,7 @@ class EATModel(EATPretrainingModel, BaseFairseqModel):
 
 @dataclass
 class EATClassifierConfig(EATEncoderFields):
-    """Classifier: the encoder fields (drop path 0.1 when fine-tuning, reference section 4) plus:"""
+    """Classifier: the encoder fields (drop path 0.1 when fine-tuning, docs/reference.md section 4) plus:"""
 
     drop_path_rate: float = field(default=0.1, metadata={"help": "stochastic depth, linear over blocks"})
     # head

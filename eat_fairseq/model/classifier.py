@@ -1,4 +1,4 @@
-"""EAT fine-tuning model: encoder -> pooled token -> LayerNorm -> Linear (reference section 4).
+"""EAT fine-tuning model: encoder -> pooled token -> LayerNorm -> Linear (docs/reference.md section 4).
 
 Parameter names are ``encoder.*`` (the core :class:`EATEncoder`), ``fc_norm.*`` and ``head.*`` so
 ``checkpoints.weights`` can map them to the released fine-tuned layout (``model.`` prefix + ``fc_norm``/``head``).

@@ -1,4 +1,4 @@
-"""EAT's lightweight 2-D CNN decoder (reference section 3, frame branch).
+"""EAT's lightweight 2-D CNN decoder (docs/reference.md section 3, frame branch).
 
 The student encodes only the visible patches; the decoder puts them back on the (time x frequency)
 grid, fills the holes with small fresh Gaussian noise (no learned mask token, no positions: the

@@ -1,4 +1,4 @@
-"""Exponential moving average teacher (reference section 3).
+"""Exponential moving average teacher (docs/reference.md section 3).
 
 The teacher is an EMA of the student encoder, updated after every optimizer step with a decay that
 rises linearly from 0.9998 to 0.99999 over the first 100k updates (150k for large) and then stays

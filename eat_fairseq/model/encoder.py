@@ -1,4 +1,4 @@
-"""EAT's ViT encoder for log-mel spectrograms (reference section 2).
+"""EAT's ViT encoder for log-mel spectrograms (docs/reference.md section 2).
 
 The encoder turns an fbank ``(B, T, F)`` into a grid of 16 x 16 patches (H = T/16 time rows,
 W = F/16 frequency columns, flattened TIME-MAJOR), adds fixed 2-D sin-cos positions, optionally drops

@@ -1,4 +1,4 @@
-"""Fine-tuning losses (reference section 4).
+"""Fine-tuning losses (docs/reference.md section 4).
 
 Every loss returns ``(summed_loss, sample_size)``: fairseq divides the gradient by the sample size
 summed over all workers, which makes the normalisation global rather than per device. The

@@ -1,4 +1,4 @@
-"""Inverse block masking on the (time x frequency) patch grid (reference section 3).
+"""Inverse block masking on the (time x frequency) patch grid (docs/reference.md section 3).
 
 EAT keeps only ~20% of the patches visible and chooses them as a union of square blocks, so the
 student sees a few contiguous time-frequency regions and must predict everything else. The mask is

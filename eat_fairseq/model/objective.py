@@ -1,4 +1,4 @@
-"""EAT's targets and Utterance-Frame Objective (UFO) (reference section 3).
+"""EAT's targets and Utterance-Frame Objective (UFO) (docs/reference.md section 3).
 
 The teacher's targets are layer-averaged, normalised FFN outputs; the student is scored with a frame
 loss on masked patches (decoder predictions) and an utterance loss on its CLS token (against the

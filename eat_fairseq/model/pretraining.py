@@ -1,4 +1,4 @@
-"""EAT pre-training model: student encoder, CNN decoder and EMA teacher (reference section 3).
+"""EAT pre-training model: student encoder, CNN decoder and EMA teacher (docs/reference.md section 3).
 
 One forward computes everything the Utterance-Frame Objective needs:
 

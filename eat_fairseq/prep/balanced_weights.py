@@ -1,4 +1,4 @@
-"""Per-clip sampling weights for balanced sampling of a multi-label set (reference section 4).
+"""Per-clip sampling weights for balanced sampling of a multi-label set (docs/reference.md section 4).
 
 AudioSet's full training set is dominated by a few classes (Speech, Music); EAT fine-tunes on it with
 weighted draws where a clip's weight is the sum over its labels of 1000 / (label count + 0.01), the

@@ -10,7 +10,7 @@ Every writer in this package follows the same life cycle, so the pieces live her
    half-written manifest that a later run or a trainer would take for a complete one;
 4. return a ``ManifestReport`` and print its summary.
 
-File formats (reference section 6):
+File formats (docs/reference.md section 6):
 
 - ``{split}.tsv``: first line the absolute root directory, then ``relative/path<TAB>n_samples`` where
   ``n_samples`` is the number of frames at the file's native sample rate, as soundfile reports it.

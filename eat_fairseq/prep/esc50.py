@@ -1,6 +1,6 @@
 """ESC-50 five-fold cross-validation data directories (one per held-out fold).
 
-ESC-50 results are the mean accuracy over the 5 official folds (reference section 4), so a run is
+ESC-50 results are the mean accuracy over the 5 official folds (docs/reference.md section 4), so a run is
 needed per fold; one self-contained data directory per fold keeps each run's config a single path.
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Is a probe result more than one lucky seed? Combine runs of ``benchmarks/learning.py`` (or ``eat-probe
+"""Is a probe result more than one lucky seed? Combine runs of ``experiments/learning.py`` (or ``eat-probe
 --json`` files) that differ only in the pre-training seed, paired speaker by speaker.
 
-    python benchmarks/learning.py ... --out runs/seed1 --seed 1
-    python benchmarks/learning.py ... --out runs/seed2 --seed 2
-    python benchmarks/learning_seeds.py runs/seed1 runs/seed2 [--json runs/seeds.json]
-    python benchmarks/learning_seeds.py runs/change_s1 runs/change_s2 --against runs/seed1 runs/seed2
+    python experiments/learning.py ... --out runs/seed1 --seed 1
+    python experiments/learning.py ... --out runs/seed2 --seed 2
+    python experiments/learning_seeds.py runs/seed1 runs/seed2 [--json runs/seeds.json]
+    python experiments/learning_seeds.py runs/change_s1 runs/change_s2 --against runs/seed1 runs/seed2
 
 Each argument is a run folder (its ``results.json``), a ``results.json`` or an ``eat-probe --json`` file,
 probed on the same held-out splits with the random-init and log-mel rows (``--seed`` of learning.py

@@ -1,12 +1,12 @@
 """Does pre-training help? Pool -> pre-train a recipe for a budget -> frozen-feature probe.
 
     # once: ~4.9 h of real unlabelled audio (as root), and FSDD with one split per speaker
-    python3 ../shared/tools/build_pretrain_pool.py --out /data/pool
+    python3 experiments/build_pretrain_pool.py --out /data/pool
     python manifests/audio_folder.py /data/pool/audio --dest /data/pool_manifests --valid-percent 0
     python manifests/windows.py /data/pool_manifests --dest /data/pool_w128 --frames 128 --min-last 0.5
-    python manifests/fsdd.py ../shared/data/fsdd/recordings --dest /data/fsdd_speakers --split-by speaker
+    python manifests/fsdd.py free-spoken-digit-dataset/recordings --dest /data/fsdd_speakers --split-by speaker
 
-    python benchmarks/learning.py --pool /data/pool_w128 --probe-data /data/fsdd_speakers \\
+    python experiments/learning.py --pool /data/pool_w128 --probe-data /data/fsdd_speakers \\
         --recipe examples/pretraining/eat_small.yaml --out runs/learning --threads 2 --probe-every 600
 
 Pre-trains the recipe with ``fairseq-hydra-train`` (online probe on the same labelled set), then runs
@@ -16,8 +16,8 @@ speaker: speakers are held out). Prints the probe table, the best row of each mo
 block of each model per pooling (a readout can lift random weights as much as trained ones: compare
 within a row), and writes ``results.json`` into ``--out``. ``--set key=value`` overrides recipe settings (hydra
 syntax, for ablations; repeat it per setting). Fine-tuning from the checkpoint against fine-tuning
-from scratch at equal budget is ``benchmarks/finetune_compare.py``; several pre-training seeds (``--seed``,
-one ``--out`` each) are combined speaker by speaker by ``benchmarks/learning_seeds.py``. An interrupted run
+from scratch at equal budget is ``experiments/finetune_compare.py``; several pre-training seeds (``--seed``,
+one ``--out`` each) are combined speaker by speaker by ``experiments/learning_seeds.py``. An interrupted run
 (a kill, a closed session) continues from its last checkpoint with the same arguments plus ``--resume``.
 """
 from __future__ import annotations

@@ -2,9 +2,9 @@
 budget, on a labelled set with one split per group (FSDD speakers), groups held out.
 
     # once: FSDD with one split per speaker (george, jackson, lucas, nicolas, theo, yweweler; 500 clips each)
-    python manifests/fsdd.py ../shared/data/fsdd/recordings --dest /data/fsdd_speakers --split-by speaker
+    python manifests/fsdd.py free-spoken-digit-dataset/recordings --dest /data/fsdd_speakers --split-by speaker
 
-    python benchmarks/finetune_compare.py --checkpoint runs/learning/pretrain/checkpoint_last.pt \\
+    python experiments/finetune_compare.py --checkpoint runs/learning/pretrain/checkpoint_last.pt \\
         --speakers-dir /data/fsdd_speakers --out runs/finetune_compare [--folds 3] [--max-update 1500] \\
         [--seeds 1,2] [--threads 1] [--jobs 2] [--set optimization.lr=[0.0005] --set model.layer_decay=0.75]
 
