@@ -14,8 +14,6 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["eat_fairseq", "eat_fairseq.*"]),
-    include_package_data=True,
-    package_data={"eat_fairseq": ["config/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",

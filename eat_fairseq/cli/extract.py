@@ -164,20 +164,24 @@ def expand_inputs(inputs: Iterable[str], manifests: bool = True) -> tuple[list[A
 def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
     """The one place where an input row becomes audio: a mono waveform at the model's rate.
 
-    Only regular files are opened (a FIFO named ``.wav`` would block the decoder forever).
+    Every input, a loose file or a manifest row of any kind (file, span, shard member), is read by the
+    one row reader (:func:`eat_fairseq.data.clips.read_row`), as training reads it. Only regular files
+    are opened (a FIFO named ``.wav`` would block the decoder forever).
     """
     from eat_fairseq.data.audio import AudioError
+    from eat_fairseq.data.clips import read_row
+    from eat_fairseq.data.manifest import ManifestRow
 
-    if item.row is not None and item.row.kind != "file":
-        from eat_fairseq.data.clips import read_row
-
-        wave, sr = read_row(item.row, item.manifest)
-        return handle.prepare(wave, sample_rate=sr)
-    if not os.path.exists(item.path):
-        raise AudioError(f"{item.path}: file not found")
-    if not os.path.isfile(item.path):
-        raise AudioError(f"{item.path}: not a regular file")
-    return handle.prepare(item.path)
+    row = item.row
+    if row is None or row.kind == "file":
+        if not os.path.exists(item.path):
+            raise AudioError(f"{item.path}: file not found")
+        if not os.path.isfile(item.path):
+            raise AudioError(f"{item.path}: not a regular file")
+    if row is None:
+        row = ManifestRow(path=os.path.abspath(item.path), num_samples=0, line=0, rel=item.path)
+    wave, sr = read_row(row, item.manifest)
+    return handle.prepare(wave, sample_rate=sr, source=item.path if row.kind == "file" else row.describe())
 
 
 def progress(total: int, desc: str) -> Any:

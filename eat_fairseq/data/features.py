@@ -36,6 +36,9 @@ __all__ = [
     "kaldi_fbank",
     "pad_or_crop",
     "normalize",
+    "fbank_of",
+    "to_window",
+    "split_windows",
     "waveform_to_features",
 ]
 
@@ -330,18 +333,20 @@ def _resampled_lengths(lengths: torch.Tensor, orig: int, new: int) -> torch.Tens
     return torch.div(lengths * new + orig - 1, orig, rounding_mode="floor")
 
 
-def waveform_to_features(
+def fbank_of(
     wave: torch.Tensor,
     sr: int,
     cfg: Optional[FeatureConfig] = None,
     lengths: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Mono waveform(s) at ``sr`` -> normalised EAT features: (S,) -> (T, F), (B, S) -> (B, T, F).
+    """Mono waveform(s) at ``sr`` -> log-mel fbank at ``cfg.sample_rate``, not yet windowed or normalised.
 
-    Resample to ``cfg.sample_rate`` (when ``sr`` differs), remove the DC offset, fbank, pad/crop to
-    ``cfg.target_length``, normalise. For a zero-padded batch pass ``lengths`` (valid samples at
-    ``sr``): each row then equals processing its clip alone. Multi-channel audio must be mixed down
-    first (:func:`eat_fairseq.data.audio.to_mono_16k`).
+    (S,) -> (T, F), (B, S) -> (B, T, F): resample (when ``sr`` differs), remove the DC offset, Kaldi
+    fbank. For a zero-padded batch pass ``lengths`` (valid samples at ``sr``): each row then equals
+    processing its clip alone. Multi-channel audio must be mixed down first
+    (:func:`eat_fairseq.data.audio.to_mono_16k`). The first half of :func:`waveform_to_features`;
+    inference cuts its result into several windows (:func:`split_windows`), training takes one
+    (:func:`to_window`).
     """
     cfg = cfg if cfg is not None else FeatureConfig()
     if wave.dim() not in (1, 2):
@@ -362,10 +367,46 @@ def waveform_to_features(
         feats = kaldi_fbank(batched, cfg.sample_rate, cfg.num_mel_bins)
     else:
         feats, _ = kaldi_fbank(batched, cfg.sample_rate, cfg.num_mel_bins, lengths=lengths)
-    if cfg.target_length is not None:
-        feats = pad_or_crop(feats, cfg.target_length)
-    feats = normalize(feats, cfg.norm_mean, cfg.norm_std)
     return feats.squeeze(0) if squeeze else feats
+
+
+def to_window(fbank: torch.Tensor, cfg: Optional[FeatureConfig] = None) -> torch.Tensor:
+    """The model's input window of an fbank ``(T, F)`` or ``(B, T, F)``: zero-pad at the end / crop from
+    frame 0 to ``cfg.target_length`` (kept as is when it is None), then ``(x - mean) / (2 * std)``."""
+    cfg = cfg if cfg is not None else FeatureConfig()
+    if cfg.target_length is not None:
+        fbank = pad_or_crop(fbank, cfg.target_length)
+    return normalize(fbank, cfg.norm_mean, cfg.norm_std)
+
+
+def split_windows(fbank: torch.Tensor, cfg: FeatureConfig) -> tuple[torch.Tensor, list[int]]:
+    """A whole clip's fbank ``(T, F)`` as consecutive model windows: ``(N, target_length, F)`` normalised
+    (the last zero-padded at the end, as :func:`to_window` pads), and the real frames of each window.
+
+    Window 0 equals ``to_window(fbank, cfg)``: what training sees of a clip is what inference sees first.
+    """
+    length = int(cfg.target_length)
+    total = fbank.shape[0]
+    count = max(1, math.ceil(total / length))
+    padded = nnf.pad(fbank, (0, 0, 0, count * length - total))
+    windows = normalize(padded.reshape(count, length, fbank.shape[-1]), cfg.norm_mean, cfg.norm_std)
+    return windows, [min(length, total - k * length) for k in range(count)]
+
+
+def waveform_to_features(
+    wave: torch.Tensor,
+    sr: int,
+    cfg: Optional[FeatureConfig] = None,
+    lengths: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mono waveform(s) at ``sr`` -> normalised EAT features: (S,) -> (T, F), (B, S) -> (B, T, F).
+
+    THE feature path (waveform -> normalised fbank window) of the datasets, the API, HEAR and the probe:
+    :func:`fbank_of` (resample, DC, fbank) then :func:`to_window` (pad/crop, normalise). For a
+    zero-padded batch pass ``lengths`` (valid samples at ``sr``).
+    """
+    cfg = cfg if cfg is not None else FeatureConfig()
+    return to_window(fbank_of(wave, sr, cfg, lengths), cfg)
 
 
 class FbankExtractor(torch.nn.Module):

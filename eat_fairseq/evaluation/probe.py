@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eat_fairseq.data.audio import load_waveform
+from eat_fairseq.data.audio import to_mono_16k
+from eat_fairseq.data.clips import read_row
 from eat_fairseq.model.encoder import EATEncoder
-from eat_fairseq.data.features import FeatureConfig, kaldi_fbank, normalize, pad_or_crop, remove_dc
+from eat_fairseq.data.features import FeatureConfig, fbank_of, normalize, pad_or_crop, to_window
 from eat_fairseq.data.labels import read_label_descriptors, read_split_labels
 from eat_fairseq.data.manifest import read_manifest
 
@@ -171,6 +172,7 @@ def load_probe_data(
     """Read the labelled splits of ``data_dir`` (``{split}.tsv`` + ``{split}.lbl`` +
     ``label_descriptors.csv``; single-label) and compute every clip's fbank once."""
     spec = parse_splits(splits, data_dir) if isinstance(splits, str) else splits
+    features = FeatureConfig(sample_rate=sample_rate, num_mel_bins=num_mel_bins, target_length=None)
     label_set = read_label_descriptors(os.path.join(data_dir, "label_descriptors.csv"))
     fbank: list[Tensor] = []
     labels: list[int] = []
@@ -184,8 +186,9 @@ def load_probe_data(
         per_row = read_split_labels(os.path.join(data_dir, f"{name}.lbl"), label_set, tsv, multi_label=False)
         keep = evenly_spaced(len(rows), max_per_split)
         for row, lab in ((rows[i], per_row[i]) for i in keep):
-            wave = load_waveform(row.path, sample_rate)
-            fbank.append(kaldi_fbank(remove_dc(wave.unsqueeze(0)), sample_rate, num_mel_bins)[0])
+            # the one row reader: spans read their frames only, shard members their bytes
+            wave, sr = read_row(row, tsv)
+            fbank.append(fbank_of(to_mono_16k(wave, sr, sample_rate), sample_rate, features))
             labels.append(lab[0])
             groups.append(g)
     return ProbeData(
@@ -267,8 +270,9 @@ def encoder_features(
             rows = (padded == frames).nonzero().flatten().tolist()
             for start in range(0, len(rows), batch_size):
                 idx = rows[start : start + batch_size]
-                chunk = torch.stack([pad_or_crop(data.fbank[i], frames) for i in idx])
-                chunk = normalize(chunk, feat.norm_mean, feat.norm_std).to(device=device, dtype=dtype)
+                window = dataclasses.replace(feat, target_length=frames)
+                chunk = to_window(torch.stack([pad_or_crop(data.fbank[i], frames) for i in idx]), window)
+                chunk = chunk.to(device=device, dtype=dtype)
                 rp = real_patches[idx].to(device)
                 hidden = encoder.hidden_states(chunk, num_blocks=layers[-1] + 1)
                 for l in layers:

@@ -74,7 +74,6 @@ sigmoid), else multi-label (AudioSet). Long clips get per-window scores combined
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from typing import Any, Union
@@ -88,7 +87,7 @@ from eat_fairseq.checkpoints.load import CheckpointError
 from eat_fairseq.model.classifier import EATClassifier
 from eat_fairseq.checkpoints.convert import dig
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.data.features import FeatureConfig, frame_geometry, kaldi_fbank, normalize, num_frames, remove_dc
+from eat_fairseq.data.features import FeatureConfig, fbank_of, frame_geometry, num_frames, split_windows
 from eat_fairseq.checkpoints.weights import infer_encoder_config
 
 __all__ = [
@@ -391,8 +390,10 @@ class EATModelHandle:
 
     # -- audio preparation ------------------------------------------------------------------------
 
-    def prepare(self, audio: AudioInput, sample_rate: int | None = None) -> Tensor:
+    def prepare(self, audio: AudioInput, sample_rate: int | None = None, source: str | None = None) -> Tensor:
         """One clip -> mono float32 waveform (S,) at the model's rate, on the CPU.
+
+        ``source`` names an array in error messages (eat-extract passes the file it read).
 
         Raises :class:`~eat_fairseq.data.audio.AudioError` for unreadable files and for clips
         shorter than one 25 ms frame, ``ValueError`` for arrays of the wrong shape.
@@ -403,7 +404,7 @@ class EATModelHandle:
         else:
             wave = torch.as_tensor(np.asarray(audio) if not isinstance(audio, Tensor) else audio).detach()
             sr = int(sample_rate) if sample_rate is not None else self.sample_rate
-            name = "<array>"
+            name = source or "<array>"
             if wave.dim() not in (1, 2):
                 raise ValueError(f"audio arrays must be (samples,) or (channels, samples), got shape {tuple(wave.shape)}")
             if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:
@@ -440,24 +441,13 @@ class EATModelHandle:
         cfg = self.feature_cfg
         device = self.device
         if len({w.shape[-1] for w in waves}) == 1:
-            batch = remove_dc(torch.stack(waves).to(device))
-            return list(kaldi_fbank(batch, cfg.sample_rate, cfg.num_mel_bins).unbind(0))
-        return [kaldi_fbank(remove_dc(w.to(device)), cfg.sample_rate, cfg.num_mel_bins) for w in waves]
+            return list(fbank_of(torch.stack(waves).to(device), cfg.sample_rate, cfg).unbind(0))
+        return [fbank_of(w.to(device), cfg.sample_rate, cfg) for w in waves]
 
     def _windows(self, fbanks: list[Tensor]) -> tuple[Tensor, list[list[int]]]:
         """Cut each fbank into windows; returns ``(windows (N, L, F) normalised, valid frames per window per clip)``."""
-        length = self.window_frames
-        cfg = self.feature_cfg
-        pieces: list[Tensor] = []
-        valid: list[list[int]] = []
-        for fb in fbanks:
-            total = fb.shape[0]
-            count = max(1, math.ceil(total / length))
-            padded = torch.nn.functional.pad(fb, (0, 0, 0, count * length - total))
-            pieces.append(padded.reshape(count, length, fb.shape[-1]))
-            valid.append([min(length, total - k * length) for k in range(count)])
-        windows = normalize(torch.cat(pieces), cfg.norm_mean, cfg.norm_std)
-        return windows, valid
+        pieces, valid = zip(*(split_windows(fb, self.feature_cfg) for fb in fbanks))
+        return torch.cat(pieces), list(valid)
 
     def _run(self, windows: Tensor, layer: int | None, want_patches: bool, want_logits: bool) -> dict[str, Tensor]:
         """Encoder over windows in batches; per window: ``cls`` (N, D), ``frame`` (N, H, D),

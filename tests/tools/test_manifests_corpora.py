@@ -11,7 +11,7 @@ import soundfile as sf
 from eat_fairseq.prep import audio_folder, audioset, esc50, fsdd, labeled_folder, speech_commands
 from eat_fairseq.prep.validate import validate_manifest
 
-FSDD_RECORDINGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
+FSDD_RECORDINGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fsdd" / "recordings"
 
 
 def _wav(path: Path, frames: int, sr: int = 16000, fmt: str = "WAV") -> None:

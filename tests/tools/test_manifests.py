@@ -16,7 +16,7 @@ from eat_fairseq.prep.balanced_weights import balanced_weights as weights_of
 from eat_fairseq.prep.common import OutputExistsError, in_valid_split, probe_audio
 from eat_fairseq.prep.validate import clip_id_matches, validate_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # relative path -> (frames, sample rate, soundfile format)
 GOOD = {

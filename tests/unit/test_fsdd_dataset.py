@@ -20,7 +20,7 @@ from eat_fairseq.fairseq_ext.datasets import EATLabelledDataset  # noqa: E402
 from eat_fairseq.fairseq_ext.datasets import EATAudioDataset  # noqa: E402
 from eat_fairseq.prep.fsdd import write_fsdd_manifests  # noqa: E402
 
-FSDD_RECORDINGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
+FSDD_RECORDINGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fsdd" / "recordings"
 
 pytestmark = pytest.mark.skipif(not FSDD_RECORDINGS.is_dir(), reason="shared FSDD recordings not present")
 

@@ -18,7 +18,7 @@ from eat_fairseq.cli.tag import main as tag_main
 
 from test_api import LABELS, tone, write_classifier, write_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import eat_fairseq  # noqa: E402
 from eat_fairseq.data.labels import LabelError  # noqa: E402
 from eat_fairseq.fairseq_ext import criterions, models, optim, tasks  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY_MODEL = {"embed_dim": 64, "depth": 2, "num_heads": 4, "max_length": 64}
 CLASSES = [("/m/low", "Low tone"), ("/m/mid", "Mid, tone"), ("/m/high", "High tone")]
