@@ -36,6 +36,7 @@ __all__ = [
     "kaldi_fbank",
     "pad_or_crop",
     "normalize",
+    "release_fbank",
     "fbank_of",
     "to_window",
     "split_windows",
@@ -331,6 +332,17 @@ def _resampled_lengths(lengths: torch.Tensor, orig: int, new: int) -> torch.Tens
     g = math.gcd(orig, new)
     orig, new = orig // g, new // g
     return torch.div(lengths * new + orig - 1, orig, rounding_mode="floor")
+
+
+def release_fbank(wave: torch.Tensor, sample_rate: int = 16000, num_mel_bins: int = 128) -> torch.Tensor:
+    """``torchaudio.compliance.kaldi.fbank`` of one mono clip ``(S,)`` called exactly as the release calls it.
+
+    The yardstick of :func:`kaldi_fbank` (tests, ``benchmarks/features.py``): one clip at a time, CPU.
+    """
+    import torchaudio.compliance.kaldi as kaldi
+
+    return kaldi.fbank(wave[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
+                       window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_shift=FRAME_SHIFT_MS)
 
 
 def fbank_of(

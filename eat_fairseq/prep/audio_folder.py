@@ -23,6 +23,7 @@ from eat_fairseq.prep.common import (
     check_outputs,
     find_audio,
     in_valid_split,
+    new_parser,
     normalize_exts,
     probe_files,
     run_cli,
@@ -105,12 +106,8 @@ def write_audio_folder_manifest(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write fairseq audio manifests (train/valid) for every readable audio file under "
-                    "ROOT, searched recursively.",
-        epilog=OUTPUT_FORMAT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write fairseq audio manifests (train/valid) for every readable audio file under "
+                    "ROOT, searched recursively.", OUTPUT_FORMAT)
     parser.add_argument("root", metavar="ROOT", help="folder searched recursively for audio")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--ext", default=",".join(AUDIO_EXTS), metavar="EXTS",

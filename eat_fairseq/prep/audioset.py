@@ -27,6 +27,7 @@ from eat_fairseq.prep.common import (
     find_audio,
     format_label_descriptors,
     format_weights,
+    new_parser,
     probe_entries,
     run_cli,
     write_split,
@@ -208,11 +209,7 @@ def write_audioset_manifest(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write an AudioSet fine-tuning split (tsv, lbl, weights) from segment CSVs.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write an AudioSet fine-tuning split (tsv, lbl, weights) from segment CSVs.", HELP_EPILOG)
     parser.add_argument("--segments", required=True, action="append", metavar="CSV",
                         help="segment CSV; repeat to concatenate several")
     parser.add_argument("--split-name", required=True, metavar="NAME", help="e.g. train, eval, train_2m")

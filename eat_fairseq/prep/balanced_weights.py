@@ -19,6 +19,7 @@ from eat_fairseq.prep.common import (
     add_common_args,
     check_outputs,
     format_weights,
+    new_parser,
     read_lines,
     run_cli,
     write_text_atomic,
@@ -70,11 +71,7 @@ def write_balanced_weights(labels: str | os.PathLike, out: str | os.PathLike,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write balanced-sampling weights for the clips of a .lbl file.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write balanced-sampling weights for the clips of a .lbl file.", HELP_EPILOG)
     parser.add_argument("labels", metavar="LBL", help="a {split}.lbl file")
     parser.add_argument("--out", required=True, metavar="WEIGHTS", help="output file, e.g. train.weights")
     add_common_args(parser, workers=False)

@@ -447,6 +447,12 @@ def clip_id_from_path(rel_path: str) -> str:
 
 # ----------------------------------------------------------------------------------------- CLI
 
+def new_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of a preparation CLI: its description, and the module's format help kept as written."""
+    return argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_args(parser: argparse.ArgumentParser, workers: bool = True, force: bool = True) -> None:
     if force:
         parser.add_argument("--force", action="store_true", help="overwrite existing output files")

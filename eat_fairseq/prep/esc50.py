@@ -17,6 +17,7 @@ from eat_fairseq.prep.common import (
     add_common_args,
     check_outputs,
     format_label_descriptors,
+    new_parser,
     probe_entries,
     run_cli,
     write_excluded,
@@ -101,11 +102,7 @@ def write_esc50_manifests(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write ESC-50 cross-validation data directories (one per fold).",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write ESC-50 cross-validation data directories (one per fold).", HELP_EPILOG)
     parser.add_argument("esc50_dir", metavar="ESC50_DIR", help="folder holding meta/ and audio/")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     add_common_args(parser)

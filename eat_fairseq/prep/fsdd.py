@@ -21,6 +21,7 @@ from eat_fairseq.prep.common import (
     check_outputs,
     format_label_descriptors,
     has_ext,
+    new_parser,
     probe_entries,
     run_cli,
     write_excluded,
@@ -102,11 +103,7 @@ def write_fsdd_manifests(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write Free Spoken Digit Dataset manifests (train/valid/test by take number).",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write Free Spoken Digit Dataset manifests (train/valid/test by take number).", HELP_EPILOG)
     parser.add_argument("recordings", metavar="RECORDINGS_DIR", help="FSDD's recordings/ folder")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--split-by", choices=SPLIT_BY, default="take",

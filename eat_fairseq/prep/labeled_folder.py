@@ -25,6 +25,7 @@ from eat_fairseq.prep.common import (
     find_audio,
     format_label_descriptors,
     in_valid_split,
+    new_parser,
     normalize_exts,
     probe_entries,
     read_lines,
@@ -189,11 +190,7 @@ def write_labeled_folder_manifests(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write classification manifests for a folder with one sub-folder per class.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write classification manifests for a folder with one sub-folder per class.", HELP_EPILOG)
     parser.add_argument("root", metavar="ROOT", help="folder holding one sub-folder per class")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--valid-percent", type=float, metavar="P",

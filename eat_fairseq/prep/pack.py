@@ -18,12 +18,20 @@ from pathlib import Path
 
 import soundfile as sf
 
-from eat_fairseq.data.manifest import FILE, SHARD, SPAN, ManifestError, ManifestRow, read_manifest
+from eat_fairseq.data.manifest import (
+    FILE,
+    SHARD,
+    SPAN,
+    ManifestError,
+    ManifestRow,
+    read_manifest,
+)
 from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
     PrepError,
     add_common_args,
     check_outputs,
+    new_parser,
     progress,
     read_lines,
     run_cli,
@@ -302,12 +310,8 @@ def pack_manifests(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Pack the audio of every manifest in MANIFEST_DIR into uncompressed zip shards and write "
-                    "manifests whose rows address the shards (shard_000.zip:OFFSET:LENGTH<TAB>n_samples).",
-        epilog=OUTPUT_FORMAT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Pack the audio of every manifest in MANIFEST_DIR into uncompressed zip shards and write "
+                    "manifests whose rows address the shards (shard_000.zip:OFFSET:LENGTH<TAB>n_samples).", OUTPUT_FORMAT)
     parser.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder with {split}.tsv (+ .lbl, ...)")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     parser.add_argument("--shard-size", default="2GB", metavar="SIZE",

@@ -10,8 +10,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from eat_fairseq.prep.common import ManifestReport, PrepError, add_common_args, run_cli
-from eat_fairseq.prep.labeled_folder import scan_class_folders, split_from_lists, write_class_manifests
+from eat_fairseq.prep.common import (
+    ManifestReport,
+    PrepError,
+    add_common_args,
+    new_parser,
+    run_cli,
+)
+from eat_fairseq.prep.labeled_folder import (
+    scan_class_folders,
+    split_from_lists,
+    write_class_manifests,
+)
 
 HELP_EPILOG = """\
 input: SPC_DIR/<word>/*.wav (35 words in v2), SPC_DIR/validation_list.txt and testing_list.txt
@@ -55,11 +65,7 @@ def write_speech_commands_manifests(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Write Speech Commands v2 manifests with the official train/valid/test split.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Write Speech Commands v2 manifests with the official train/valid/test split.", HELP_EPILOG)
     parser.add_argument("spc_dir", metavar="SPC_DIR", help="the extracted speech_commands_v0.02 folder")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     add_common_args(parser)

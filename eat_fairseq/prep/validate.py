@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from eat_fairseq.data.clips import open_clip
-from eat_fairseq.data.manifest import FILE, SHARD, SPAN, ManifestRow, id_for_path, parse_address
+from eat_fairseq.data.manifest import (
+    FILE,
+    SHARD,
+    SPAN,
+    ManifestRow,
+    id_for_path,
+    parse_address,
+)
 from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
     MISSING,
@@ -26,6 +33,7 @@ from eat_fairseq.prep.common import (
     TOO_SHORT,
     _one_line,
     add_common_args,
+    new_parser,
     probe_files,
     progress,
     read_lines,
@@ -314,11 +322,7 @@ def _check_descriptors(dpath: str, used_labels: dict[str, tuple[str, int]]) -> l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Check a fairseq audio manifest (and its labels) for problems.",
-        epilog=HELP_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Check a fairseq audio manifest (and its labels) for problems.", HELP_EPILOG)
     parser.add_argument("manifest", metavar="MANIFEST", help="a {split}.tsv file")
     parser.add_argument("--labels", metavar="LBL", help="the matching {split}.lbl file")
     parser.add_argument("--descriptors", metavar="CSV", help="label_descriptors.csv to check labels against")

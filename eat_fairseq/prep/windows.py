@@ -16,13 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eat_fairseq.data.features import frame_geometry
-from eat_fairseq.data.manifest import FILE, SHARD, ManifestError, ManifestRow, parse_address, read_manifest, window_id
+from eat_fairseq.data.manifest import (
+    FILE,
+    SHARD,
+    ManifestError,
+    ManifestRow,
+    parse_address,
+    read_manifest,
+    window_id,
+)
 from eat_fairseq.prep.common import (
     ManifestReport,
     PrepError,
     SplitSummary,
     add_common_args,
     check_outputs,
+    new_parser,
     probe_files,
     read_lines,
     run_cli,
@@ -164,12 +173,8 @@ def _expand_side_file(src: Path, out: Path, rows: list[ManifestRow], pieces: lis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Split the long recordings of every manifest in MANIFEST_DIR into fixed windows "
-                    "(rows path:START:LENGTH that address a span of a file).",
-        epilog=OUTPUT_FORMAT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = new_parser("Split the long recordings of every manifest in MANIFEST_DIR into fixed windows "
+                    "(rows path:START:LENGTH that address a span of a file).", OUTPUT_FORMAT)
     parser.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder with {split}.tsv (+ .lbl, .weights)")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     size = parser.add_mutually_exclusive_group()
