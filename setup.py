@@ -13,7 +13,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["eat_fairseq", "eat_fairseq.*"]),
+    # the recipes (examples/*/*.yaml) ship inside the package as eat_fairseq.recipes, so an installed copy
+    # finds them without the source tree: `fairseq-hydra-train --config-dir $(eat-recipes pretraining) ...`
+    packages=find_packages(include=["eat_fairseq", "eat_fairseq.*"]) + ["eat_fairseq.recipes"],
+    package_dir={"eat_fairseq.recipes": "examples"},
+    package_data={"eat_fairseq.recipes": ["*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",
@@ -33,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "eat-user-dir=eat_fairseq.cli.user_dir:main",
+            "eat-recipes=eat_fairseq.cli.recipes:main",
             "eat-manifest=eat_fairseq.prep.audio_folder:main",
             "eat-validate-manifest=eat_fairseq.prep.validate:main",
             "eat-convert=eat_fairseq.cli.convert:main",

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 from typing import Union
 
-import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as taf
 
@@ -23,27 +21,20 @@ class AudioError(RuntimeError):
 
 
 def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:
-    """Read ``path`` with soundfile and return ``(wave (C, S) float32, sample_rate)``.
+    """Read the audio file ``path``: ``(wave (C, S) float32, sample_rate)``.
 
-    Any format libsndfile reads is accepted (wav, flac, ogg/vorbis, and mp3 with libsndfile >= 1.1).
-    Files that cannot be decoded, that hold no samples, or that contain NaN/inf samples are rejected:
-    such clips would otherwise silently turn into NaN features and poison a whole training batch.
+    A whole file is the simplest manifest row, so this is :func:`eat_fairseq.data.clips.read_row` of
+    a file row: every file a user passes (the Python API, HEAR, the demo) is decoded by the same code
+    as training reads its manifests. Any format libsndfile reads is accepted (wav, flac, ogg/vorbis,
+    and mp3 with libsndfile >= 1.1). Files that cannot be decoded, that hold no samples, or that
+    contain NaN/inf samples raise :class:`AudioError` naming the file: such clips would otherwise
+    silently turn into NaN features and poison a whole training batch.
     """
+    from eat_fairseq.data.clips import read_row
+    from eat_fairseq.data.manifest import ManifestRow
+
     name = os.fspath(path)
-    try:
-        data, sample_rate = sf.read(name, dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports a missing file as "System error"
-        if not os.path.exists(name):
-            raise AudioError(f"audio file not found: {name!r}") from None
-        raise AudioError(f"cannot read audio file {name!r}: {exc}") from exc
-    if sample_rate <= 0:
-        raise AudioError(f"audio file {name!r} reports an invalid sample rate {sample_rate}")
-    if data.size == 0:
-        raise AudioError(f"audio file {name!r} contains no samples")
-    if not np.isfinite(data).all():
-        raise AudioError(f"audio file {name!r} contains NaN or infinite samples")
-    wave = torch.from_numpy(np.ascontiguousarray(data.T))
-    return wave, int(sample_rate)
+    return read_row(ManifestRow(path=name, num_samples=0, line=0, rel=name))
 
 
 def to_mono_16k(wave: torch.Tensor, sr: int, target_sr: int = 16000) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Manifest rows to waveforms: whole files, spans of long files, members of zip shards.
 
-Every reader of a manifest (pre-training, fine-tuning, eat-extract, validation) goes through this
-module, so all three kinds of row (:mod:`eat_fairseq.data.manifest`) are read the same way and fail
-with the same messages. Reads touch only the frames that are used: a clip of a 10-minute recording
+THE row reader: pre-training, fine-tuning and evaluation (:func:`read_row_window`), the online probe
+and eat-probe, eat-extract and eat-tag (:func:`read_row`), validation (:func:`open_clip`) and every
+audio file a user passes to the API or HEAR (:func:`eat_fairseq.data.audio.load_audio` is
+:func:`read_row` of a file row) go through this module, so all three kinds of row
+(:mod:`eat_fairseq.data.manifest`) are read the same way and fail with the same messages. Reads touch only the frames that are used: a clip of a 10-minute recording
 costs what a 10-second file costs, because the file is opened, seeked and only the window decoded.
 
 A shard member is read with one ``seek`` + ``read`` of its byte range (no zip directory lookup), so
@@ -22,7 +24,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from eat_fairseq.data.audio import AudioError, to_mono_16k
+from eat_fairseq.data.audio import AudioError
 from eat_fairseq.data.features import FeatureConfig, frame_geometry
 from eat_fairseq.data.manifest import SHARD, SPAN, ManifestRow
 
@@ -31,7 +33,6 @@ __all__ = [
     "open_clip",
     "read_row",
     "read_row_window",
-    "load_row_waveform",
     "window_frames",
     "choose_start",
     "CROP_MODES",
@@ -266,13 +267,6 @@ def read_row(row: ManifestRow, manifest: Optional[str] = None) -> tuple[torch.Te
     :func:`eat_fairseq.data.audio.load_audio` (which it equals for a plain file row)."""
     with open_clip(row, manifest) as clip:
         return _checked(clip.read(), row, _where(row, manifest)), clip.samplerate
-
-
-def load_row_waveform(row: ManifestRow, target_sr: int = 16000, manifest: Optional[str] = None) -> torch.Tensor:
-    """The whole clip of a manifest row (file, span or shard member) as mono float32 (S,) at
-    ``target_sr``: the row-level counterpart of :func:`eat_fairseq.data.audio.load_waveform`."""
-    wave, sr = read_row(row, manifest)
-    return to_mono_16k(wave, sr, target_sr)
 
 
 def window_frames(samplerate: int, cfg: FeatureConfig) -> Optional[int]:

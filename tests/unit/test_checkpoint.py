@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import builtins
 import collections
-import enum
 import importlib
 import os
 import pickle

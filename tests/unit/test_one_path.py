@@ -117,6 +117,25 @@ def test_validate(rows: dict, kind: str) -> None:
     assert problems == [], problems
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_pack(rows: dict, kind: str, tmp_path: Path) -> None:
+    """manifests/pack.py copies (or cuts) the row's exact samples into a shard member of its own."""
+    row, folder = rows[kind]
+    pack_manifests(folder, tmp_path / "again")
+    _, again = read_manifest(str(tmp_path / "again" / "train.tsv"))
+    repacked = next(r for r in again if r.line == row.line)
+    assert repacked.kind == "shard"
+    assert torch.equal(read_row(repacked)[0], reference())
+
+
+def test_api_and_hear_files(rows: dict) -> None:
+    """A file path given to the Python API (and so HEAR) is the file row of the row reader."""
+    from eat_fairseq.data.audio import load_audio
+
+    wave, sr = load_audio(rows["file"][0].path)
+    assert sr == RATE and torch.equal(wave, reference())
+
+
 def test_windows_of_the_api_start_with_the_training_window() -> None:
     """Inference cuts a clip into windows with the same padding and normalisation as training."""
     fbank = fbank_of(torch.randn(3 * RATE), RATE)
