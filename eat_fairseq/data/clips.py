@@ -90,15 +90,17 @@ class ClipSource:
         self.frames = frames
         self.samplerate = int(sound.samplerate)
         self.channels = int(sound.channels)
+        self.format, self.subtype = str(sound.format), str(sound.subtype)  # e.g. WAV, PCM_16
 
-    def read(self, start: int = 0, count: int = -1) -> np.ndarray:
-        """``count`` frames (all to the clip's end when -1) from ``start`` as float32 (S, C)."""
+    def read(self, start: int = 0, count: int = -1, dtype: str = "float32") -> np.ndarray:
+        """``count`` frames (all to the clip's end when -1) from ``start`` as (S, C) of ``dtype``
+        (float32 for features; pack asks for the stored integer type to copy samples exactly)."""
         try:
             if self._first + start:
                 self._sound.seek(self._first + start)
             if self._row.kind == SPAN:  # never past the span's end into the rest of the file
                 count = self.frames - start if count < 0 else min(count, self.frames - start)
-            return self._sound.read(count, dtype="float32", always_2d=True)
+            return self._sound.read(count, dtype=dtype, always_2d=True)
         except Exception as exc:
             raise AudioError(f"cannot decode {self._row.describe()}{self._where}: {exc}") from exc
 

@@ -26,6 +26,7 @@ from eat_fairseq.data.manifest import (
     ManifestRow,
     read_manifest,
 )
+from eat_fairseq.data.clips import open_clip
 from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
     PrepError,
@@ -141,23 +142,23 @@ def _source(row: ManifestRow) -> Source:
     return Source(SPAN, row.path, row.offset, row.length, row.rel, 64 + row.length * per_frame)
 
 
-def _encode_frames(path: str, start: int, frames: int, flac: bool) -> tuple[bytes, bool]:
-    """Frames ``start .. start+frames`` of ``path`` as a standalone WAV/FLAC file (exact samples)."""
+def _encode_frames(row: ManifestRow, flac: bool) -> tuple[bytes, bool]:
+    """The samples of a file or span row (read by the one row reader, in their stored type, so they are
+    exact) as a standalone WAV/FLAC file."""
     import io
 
-    with sf.SoundFile(path) as f:
-        int_plan = _FLAC_INT.get(f.subtype)
+    with open_clip(row) as clip:
+        int_plan = _FLAC_INT.get(clip.subtype)
         if int_plan is not None:
             dtype, subtype = int_plan
-        elif f.subtype in ("PCM_32", "FLOAT", "DOUBLE") and f.format in ("WAV", "WAVEX", "AIFF"):
-            dtype, subtype = {"PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64"}[f.subtype], f.subtype
+        elif clip.subtype in ("PCM_32", "FLOAT", "DOUBLE") and clip.format in ("WAV", "WAVEX", "AIFF"):
+            dtype, subtype = {"PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64"}[clip.subtype], clip.subtype
         else:  # compressed sources: the decoded samples, as float
             dtype, subtype = "float32", "FLOAT"
-        f.seek(start)
-        data = f.read(frames, dtype=dtype, always_2d=True)
-        if data.shape[0] != frames:
-            raise PrepError(f"{path}: only {data.shape[0]} of {frames} frames could be read from frame {start}")
-        samplerate = f.samplerate
+        data = clip.read(dtype=dtype)
+        if data.shape[0] != clip.frames:
+            raise PrepError(f"{row.describe()}: only {data.shape[0]} of {clip.frames} frames could be read")
+        samplerate = clip.samplerate
     use_flac = flac and int_plan is not None
     buf = io.BytesIO()
     if use_flac:
@@ -168,15 +169,17 @@ def _encode_frames(path: str, start: int, frames: int, flac: bool) -> tuple[byte
 
 
 def _member_bytes(src: Source, flac: bool) -> tuple[bytes, bool]:
+    """A member's bytes: a file or shard member copied as stored; a span cut out with its exact samples
+    (and, with ``flac``, integer PCM WAV re-encoded losslessly)."""
     if src.kind == SPAN:
-        return _encode_frames(src.path, src.offset, src.length, flac)
+        return _encode_frames(ManifestRow(src.path, src.length, 0, SPAN, src.offset, src.length), flac)
     with open(src.path, "rb") as f:
         f.seek(src.offset)
         data = f.read(src.length if src.kind == SHARD else -1)
     if src.kind == FILE and flac:
         info = sf.info(src.path)
         if info.subtype in _FLAC_INT and info.format in ("WAV", "WAVEX", "AIFF"):
-            return _encode_frames(src.path, 0, info.frames, True)
+            return _encode_frames(ManifestRow(src.path, info.frames, 0, FILE), True)
     return data, False
 
 

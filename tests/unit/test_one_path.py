@@ -222,3 +222,22 @@ def test_nothing_a_user_reads_points_outside_the_repository() -> None:
             if "../shared" in text or "eat-reference.md" in text:
                 hits.append(str(f.relative_to(repo)))
     assert hits == []
+
+
+def test_pack_flac_keeps_exact_samples(tmp_path: Path) -> None:
+    """pack --flac re-encodes integer PCM (files and spans) losslessly: the shard rows read the same samples."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    pcm = (np.random.default_rng(5).standard_normal((30000, 2)) * 3000).astype(np.int16)
+    sf.write(audio / "stereo.wav", pcm, 22050, subtype="PCM_16")
+    src = tmp_path / "loose"
+    src.mkdir()
+    (src / "train.tsv").write_text(f"{audio}\nstereo.wav\t30000\nstereo.wav:1000:8000\t8000\n")
+    report = pack_manifests(src, tmp_path / "packed", flac=True)
+    assert report.flac_members == 2
+    _, loose = read_manifest(str(src / "train.tsv"))
+    _, packed = read_manifest(str(tmp_path / "packed" / "train.tsv"))
+    for a, b in zip(loose, packed):
+        wa, sra = read_row(a)
+        wb, srb = read_row(b)
+        assert sra == srb == 22050 and torch.equal(wa, wb)
