@@ -18,6 +18,18 @@ FSDD = SHARED / "data" / "fsdd" / "recordings"
 BIN = Path(sys.executable).parent
 
 
+# fairseq-hydra-train overrides for N gloo processes on CPU under torchrun (fairseq-notes trap 6)
+DDP_CPU_OVERRIDES = (
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.ddp_backend=legacy_ddp",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_world_size=${oc.env:WORLD_SIZE}",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+        "distributed_training.device_id=0",
+)
+
+
 def make_audio_corpus(root: Path, num_clips: int = 16, seed: int = 0, seconds: float = 1.3) -> Path:
     """Write ``num_clips`` short noisy tones at mixed rates/channels and a manifest folder beside them.
 

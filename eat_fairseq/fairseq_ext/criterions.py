@@ -21,7 +21,7 @@ from eat_fairseq.data import augment
 from eat_fairseq.model.finetune_losses import finetune_loss
 from eat_fairseq.model.objective import ufo_loss
 
-from .models import _unwrap
+from .models import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class EATUFOCriterion(FairseqCriterion):
         self.gradient_norms_failed = False
 
     def forward(self, model: torch.nn.Module, sample: Dict[str, Any], reduce: bool = True):
-        core = _unwrap(model)
+        core = unwrap_model(model)
         net_input = sample["net_input"]
         out = model(source=net_input["source"], mask=net_input.get("mask"))
         weight = core.cfg.utterance_loss_weight

@@ -53,13 +53,13 @@ def pretrain_config_from(cfg: Any) -> PretrainConfig:
     return PretrainConfig(encoder=encoder_config_from(cfg), **rest)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, (dict, DictConfig)):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The core model inside fairseq's distributed wrappers."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -180,7 +180,7 @@ class EATClassifierModel(EATClassifier, BaseFairseqModel):
     """The core classifier as a fairseq model (same state-dict names as the core)."""
 
     def __init__(self, cfg: EATClassifierConfig) -> None:
-        encoder_cfg = EncoderConfig(**{k: _get(cfg, k) for k in ENCODER_FIELDS})
+        encoder_cfg = EncoderConfig(**{k: cfg_get(cfg, k) for k in ENCODER_FIELDS})
         super().__init__(encoder_cfg, int(cfg.num_classes), str(cfg.pooling), bool(cfg.freeze_encoder))
         self.fairseq_cfg = cfg
         self.mark_layer_decay(float(cfg.layer_decay), bool(cfg.no_weight_decay_1d))

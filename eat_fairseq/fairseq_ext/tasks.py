@@ -42,7 +42,7 @@ from eat_fairseq.model.masking import MaskSpec
 
 from .checkpoint_io import install as install_checkpoint_io
 from .datasets import EATAudioDataset, EATLabelledDataset, is_placeholder
-from .models import ARCH_FIELDS, _get, _unwrap
+from .models import ARCH_FIELDS, cfg_get, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class EATPretrainingTask(EATAudioTask):
             return {}
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
             return {}
-        core = _unwrap(model)
+        core = unwrap_model(model)
         start = time.perf_counter()
         with torch.no_grad():
             res = self.probe.run({"student": core.encoder, "teacher": core.teacher})
@@ -323,7 +323,7 @@ class EATPretrainingTask(EATAudioTask):
         super().optimizer_step(optimizer, model, update_num)
         if scaler is not None and scaler.get_scale() < scale_before:
             return  # the AMP scaler found inf/nan gradients and skipped the optimizer step
-        core = _unwrap(model)
+        core = unwrap_model(model)
         if hasattr(core, "ema_step"):
             core.ema_step(update_num + 1)
         done = update_num + 1
@@ -500,13 +500,13 @@ class EATClassificationTask(EATAudioTask):
         from a pre-training checkpoint, its encoder shape. Written into ``cfg`` itself so the saved
         fine-tuned checkpoint rebuilds the same model without the pre-training file."""
         with open_dict(cfg):
-            if int(_get(cfg, "num_classes", 0) or 0) <= 0:
+            if int(cfg_get(cfg, "num_classes", 0) or 0) <= 0:
                 cfg.num_classes = self.num_classes
-            if not from_checkpoint and _get(cfg, "model_path", None):
-                pre_cfg = _get(load_ours(str(cfg.model_path), keep=True).get("cfg") or {}, "model", {}) or {}
+            if not from_checkpoint and cfg_get(cfg, "model_path", None):
+                pre_cfg = cfg_get(load_ours(str(cfg.model_path), keep=True).get("cfg") or {}, "model", {}) or {}
                 for key in ARCH_FIELDS:
-                    value = _get(pre_cfg, key, None)
-                    if value is not None and value != _get(cfg, key, None):
+                    value = cfg_get(pre_cfg, key, None)
+                    if value is not None and value != cfg_get(cfg, key, None):
                         logger.info("encoder %s = %s (from %s)", key, value, cfg.model_path)
                         cfg[key] = value
         self._building_from_checkpoint = from_checkpoint

@@ -18,6 +18,7 @@ pytest.importorskip("fairseq")
 from omegaconf import OmegaConf  # noqa: E402
 
 import eat_fairseq  # noqa: E402
+from helpers import DDP_CPU_OVERRIDES  # noqa: E402
 from eat_fairseq.data.labels import LabelError  # noqa: E402
 from eat_fairseq.fairseq_ext import criterions, models, optim, tasks  # noqa: E402
 
@@ -321,15 +322,7 @@ def test_distributed_finetune_validation_two_process_cpu(tmp_path):
     rows = [r for r in (data / "valid.tsv").read_text().splitlines()[1:] if r.strip()]
     assert len(rows) == num_valid
     save, ap_dir = tmp_path / "ckpt", tmp_path / "ap"
-    dist = [
-        "distributed_training.distributed_backend=gloo",
-        "distributed_training.ddp_backend=legacy_ddp",
-        "distributed_training.distributed_init_method=env://",
-        "distributed_training.distributed_no_spawn=true",
-        "distributed_training.distributed_world_size=${oc.env:WORLD_SIZE}",
-        "distributed_training.distributed_rank=${oc.env:RANK}",
-        "distributed_training.device_id=0",
-    ]
+    dist = list(DDP_CPU_OVERRIDES)
     cmd = _hydra_train_cmd(
         [f"task.data={data}", f"checkpoint.save_dir={save}", f"task.per_class_ap_dir={ap_dir}",
          "checkpoint.best_checkpoint_metric=mAP", "optimization.max_update=3", "dataset.batch_size_valid=2",

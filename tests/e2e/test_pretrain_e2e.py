@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("fairseq")
 
-from helpers import REPO, hydra_train_cmd, json_logs, make_audio_corpus, run  # noqa: E402
+from helpers import DDP_CPU_OVERRIDES, REPO, hydra_train_cmd, json_logs, make_audio_corpus, run  # noqa: E402
 
 CONFIGS = REPO / "examples" / "pretraining"
 
@@ -98,15 +98,7 @@ def test_distributed_two_process_cpu(data: Path, tmp_path: Path) -> None:
     if torchrun is None:
         pytest.skip("torchrun not installed")
     save = tmp_path / "ddp"
-    dist = (
-        "distributed_training.distributed_backend=gloo",
-        "distributed_training.ddp_backend=legacy_ddp",
-        "distributed_training.distributed_init_method=env://",
-        "distributed_training.distributed_no_spawn=true",
-        "distributed_training.distributed_world_size=${oc.env:WORLD_SIZE}",
-        "distributed_training.distributed_rank=${oc.env:RANK}",
-        "distributed_training.device_id=0",
-    )
+    dist = DDP_CPU_OVERRIDES
 
     def launch(max_update: int) -> str:
         cmd = hydra_train_cmd(CONFIGS, "eat_tiny", tiny_overrides(data, save, max_update, dist))
