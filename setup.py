@@ -16,6 +16,8 @@ setup(
     # the recipes (examples/*/*.yaml) ship inside the package as eat_fairseq.recipes, so an installed copy
     # finds them without the source tree: `fairseq-hydra-train --config-dir $(eat-recipes pretraining) ...`
     packages=find_packages(include=["eat_fairseq", "eat_fairseq.*"]) + ["eat_fairseq.recipes"],
+    # the recipes' Hydra callback (common.user_dir when not given); outside the package, see its doc
+    py_modules=["eat_fairseq_hydra"],
     package_dir={"eat_fairseq.recipes": "examples"},
     package_data={"eat_fairseq.recipes": ["*/*.yaml"]},
     install_requires=[
@@ -32,6 +34,8 @@ setup(
         "eval": ["scikit-learn>=1.3"],
         # eat-plot (training curves) and the last step of `make demo`
         "plot": ["matplotlib>=3.8"],
+        # eat-export and running .onnx models (eat-extract, eat-tag, load_model, HEAR) with onnxruntime
+        "onnx": ["onnxruntime>=1.20", "onnx>=1.16"],
         "test": ["pytest>=8", "scikit-learn>=1.3"],
     },
     entry_points={
@@ -43,6 +47,7 @@ setup(
             "eat-convert=eat_fairseq.cli.convert:main",
             "eat-extract=eat_fairseq.cli.extract:main",
             "eat-tag=eat_fairseq.cli.tag:main",
+            "eat-export=eat_fairseq.cli.export:main",
             "eat-evaluate=eat_fairseq.cli.evaluate:main",
             "eat-probe=eat_fairseq.cli.probe:main",
             "eat-plot=eat_fairseq.cli.plot:main",

@@ -15,8 +15,23 @@ lead there:
 The finder only answers for the top-level name ``fairseq``; it asks the other finders for the real
 spec and hands it back with a wrapping loader, which restores the original loader on the module
 afterwards (``module.__loader__``/``__spec__.loader``), so fairseq looks untouched. It removes itself
-once fairseq has loaded. A failure inside the registration is turned into a warning instead of
-failing the user's ``import fairseq``.
+once fairseq has loaded.
+
+When the registration fails (a bug or a missing dependency in the fairseq layer), what happens depends on
+whether the process is using fairseq at that moment, because that is when a user needs the eat_*
+components and would otherwise get fairseq's confusing "Could not infer task type" much later:
+
+- ``import eat_fairseq`` while fairseq is not imported never fails on fairseq's account, even when the
+  installed fairseq is broken: it does not import fairseq (inference never needs it), so it cannot know,
+  and an inference user should not pay for a training dependency;
+- fairseq already loaded (path 1: ``fairseq-hydra-train`` importing ``common.user_dir``, or a script
+  that imported fairseq first): the process is using fairseq and asked for this package in it, so
+  ``import eat_fairseq`` raises :class:`RegistrationError` (an ``ImportError``) naming the eat_fairseq
+  module that failed, with the original exception chained as its cause;
+- fairseq imported later (path 2): a ``RuntimeWarning`` with the same message. Raising there would fail
+  the user's own ``import fairseq`` after fairseq has executed (importlib then drops the module while
+  its submodules stay registered) and would break uses of fairseq that have nothing to do with EAT;
+  ``import eat_fairseq.fairseq_ext`` shows the full error.
 """
 from __future__ import annotations
 
@@ -31,17 +46,39 @@ TARGET = "fairseq"
 LAYER = "eat_fairseq.fairseq_ext"
 
 
-def register() -> None:
-    """Import the fairseq layer (idempotent); a failure becomes a warning naming the cause."""
+class RegistrationError(ImportError):
+    """The eat_* fairseq components could not be registered while fairseq is in use (see the module doc)."""
+
+
+def _failed_module(exc: BaseException) -> str:
+    """The innermost eat_fairseq module (other than this one) on the traceback of ``exc``: where the
+    registration actually broke (a task module, a model module ...), not just the layer's package."""
+    name = LAYER
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.split(".")[0] == "eat_fairseq" and module != __name__:
+            name = module
+        tb = tb.tb_next
+    return name
+
+
+def register(strict: bool = False) -> None:
+    """Import the fairseq layer (idempotent).
+
+    A failure raises :class:`RegistrationError` (chained to the cause) with ``strict``, else it is a
+    ``RuntimeWarning``; both name the module that failed and the cause.
+    """
     try:
         importlib.import_module(LAYER)
-    except Exception as exc:  # never break the user's own `import fairseq`
-        warnings.warn(
-            f"eat_fairseq: registering the eat_* fairseq components failed ({type(exc).__name__}: {exc}); "
-            f"`import {LAYER}` shows the full error",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    except Exception as exc:
+        module = _failed_module(exc)
+        message = (f"eat_fairseq: registering the eat_* fairseq components failed in {module} "
+                   f"({type(exc).__name__}: {exc}); fairseq will not know the eat_* tasks, models and "
+                   f"criterions")
+        if strict:
+            raise RegistrationError(message, name=module) from exc
+        warnings.warn(f"{message}. `import {LAYER}` shows the full error", RuntimeWarning, stacklevel=2)
 
 
 def import_layer_quietly() -> ModuleType:
@@ -100,13 +137,14 @@ class _FairseqFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Register now if fairseq is loaded, else arrange for registration when it gets imported."""
+    """Register now if fairseq is loaded (a failure raises :class:`RegistrationError`), else arrange for
+    registration when it gets imported (a failure warns); the module doc says why they differ."""
     loaded = sys.modules.get(TARGET)
     if loaded is not None:
         # a fairseq that is still executing its own __init__ cannot be completed from here; no path of
         # this package gets there (fairseq imports user dirs only once it is fully loaded)
         if not getattr(getattr(loaded, "__spec__", None), "_initializing", False):
-            register()
+            register(strict=True)
         return
     if not any(isinstance(f, _FairseqFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _FairseqFinder())

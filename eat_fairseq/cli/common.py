@@ -47,6 +47,20 @@ def device_error(device: str) -> Optional[str]:
     return None
 
 
+def checkpoint_path_error(path: str) -> Optional[str]:
+    """Why ``--checkpoint`` names no checkpoint file (None when it names a file).
+
+    A missing file is a bad argument (exit status 2, as for the other arguments naming inputs), not a
+    checkpoint that "cannot be used" (status 1, for a file that exists but does not load)."""
+    import os
+
+    if os.path.isdir(path):
+        return f"--checkpoint {path} is a folder, not a checkpoint file"
+    if not os.path.exists(path):
+        return f"--checkpoint {path}: no such file"
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one TSV-safe line."""
     text = str(exc) or type(exc).__name__

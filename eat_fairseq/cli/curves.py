@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-__all__ = ["RunScalars", "read_run", "read_event_file", "read_text_log", "panel_of", "plot_run"]
+__all__ = ["RunScalars", "read_run", "read_event_file", "read_text_log", "panel_of", "panels", "drawn_series", "plot_run"]
 
 Series = dict[tuple[str, str], dict[int, float]]
 
@@ -241,15 +241,20 @@ def read_run(path: str) -> RunScalars:
 # plotting
 
 
+LR_NAMES = ("lr", "real_lr", "real_lr_min")
+PROBE_ACCURACY_SUFFIXES = ("_logreg", "_knn", "_linear")
+
+
 def panel_of(name: str) -> Optional[str]:
     """The panel a scalar belongs to (None: not plotted). Decided from the name alone."""
     if name in IGNORED:
         return None
     if name.startswith("probe_"):
-        return "probe accuracy" if "acc" in name else "probe diagnostics"
-    if "loss" in name:
+        accuracy = "acc" in name or name.endswith(PROBE_ACCURACY_SUFFIXES)
+        return "probe accuracy" if accuracy else "probe diagnostics"
+    if "loss" in name or name == "utterance_term":
         return "loss"
-    if name == "lr":
+    if name in LR_NAMES:
         return "learning rate"
     if name in VALIDATION_METRICS:
         return "validation metrics"
@@ -262,15 +267,50 @@ PANEL_ORDER = ("loss", "learning rate", "validation metrics", "probe accuracy", 
                "target / prediction variance")
 
 
+def last_update(run: RunScalars) -> int:
+    """The highest update any scalar of the run was logged at."""
+    return max((step for points in run.series.values() for step in points), default=0)
+
+
+def drawn_series(run: RunScalars) -> Series:
+    """The series as they are drawn, each point where a reader expects it:
+
+    - learning rates: fairseq logs at update N the lr it has just set for update N + 1, so each point
+      moves one update on, and the value logged at the last update (which no update trains with; the
+      cosine schedule restarts its period there) is dropped;
+    - loss: when the weighted ``utterance_term`` is logged, it replaces the unweighted
+      ``utterance_loss``, so the drawn parts add up to ``loss`` (= frame_loss + utterance_term);
+    - online probe scores: they are logged again on every line until the next probe, so only the
+      update at which each new value appears is kept (one point per probe).
+    """
+    end = last_update(run)
+    drawn: Series = {}
+    for (tag, name), points in run.series.items():
+        if name in LR_NAMES:
+            points = {step + 1: value for step, value in points.items() if step + 1 <= end}
+        elif name == "utterance_loss" and (tag, "utterance_term") in run.series:
+            continue
+        elif name.startswith("probe_"):
+            kept, previous = {}, None
+            for step, value in sorted(points.items()):
+                if value != previous:
+                    kept[step] = value
+                previous = value
+            points = kept
+        drawn[(tag, name)] = points
+    return drawn
+
+
 def panels(run: RunScalars) -> dict[str, list[tuple[str, str]]]:
     """Panel title -> the ``(tag, name)`` series drawn in it, in :data:`PANEL_ORDER`."""
+    series = drawn_series(run)
     chosen: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for key in sorted(run.series):
+    for key in sorted(series):
         tag, name = key
-        if tag == "train" and ("train_inner", name) in run.series:
+        if tag == "train" and ("train_inner", name) in series:
             continue  # the end-of-epoch average repeats the finer train_inner curve
         title = panel_of(name)
-        if title is not None and run.series[key]:
+        if title is not None and series[key]:
             chosen[title].append(key)
     return {title: chosen[title] for title in PANEL_ORDER if chosen.get(title)}
 
@@ -297,26 +337,38 @@ def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
     count = len(chosen)
     cols = 1 if count == 1 else 2
     rows = math.ceil(count / cols)
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    series = drawn_series(run)
+    end = last_update(run)
     labels: dict[str, list[str]] = {}
     points = 0
     for ax, (panel, keys) in zip(axes.flat, chosen.items()):
         labels[panel] = []
         for tag, name in keys:
-            data = sorted(run.series[(tag, name)].items())
+            data = sorted(series[(tag, name)].items())
             steps, values = [s for s, _ in data], [v for _, v in data]
             label = f"{name} ({tag})"
-            style = "-" if tag == "train_inner" else "o-"
+            # markers wherever points are few: a short run's curve, validation, one point per probe
+            style = "-" if tag == "train_inner" and len(data) > 20 and not name.startswith("probe_") else "o-"
             ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2)
             labels[panel].append(label)
             points += len(data)
         ax.set_title(panel)
         ax.set_xlabel("update")
-        drawn = [v for key in keys for v in run.series[key].values()]
-        if panel == "loss" and min(drawn) > 0 and max(drawn) / min(drawn) > 10:
-            ax.set_yscale("log")  # loss terms of very different sizes (the release's summed utterance term)
+        # every panel spans the whole run, so a run's few validation or probe points sit where they belong
+        ax.set_xlim(0, max(end, 1) * 1.02 + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        drawn = [v for key in keys for v in series[key].values()]
+        if panel == "loss":
+            if min(drawn) > 0 and max(drawn) / min(drawn) > 10:
+                ax.set_yscale("log")  # loss terms of very different sizes (the release's summed utterance term)
+            if any(name == "utterance_term" for _, name in keys):
+                ax.text(0.01, 0.02, "loss = frame_loss + utterance_term", transform=ax.transAxes, fontsize=7)
         if panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            ax.set_ylabel("lr used by the update", fontsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[count:]:

@@ -2,7 +2,11 @@
 
     eat-extract --checkpoint CKPT INPUT... --out DIR [--granularity utterance|frame|all]
                 [--layer N] [--batch-size B] [--device cpu|cuda] [--threads N] [--force]
-                [--trust-checkpoint] [--use-teacher]
+                [--trust-checkpoint] [--use-teacher] [--no-progress]
+
+CKPT is any checkpoint ``load_model`` reads, or an ``.onnx`` file written by ``eat-export`` (run by
+onnxruntime, several times faster on CPUs; ``--layer`` must then be the exported block). On a
+terminal, jobs longer than two seconds show a progress bar with clips/s on stderr.
 
 INPUT is an audio file, a folder (searched recursively for audio files) or a TSV manifest, checked
 exactly as training checks it (:func:`eat_fairseq.data.manifest.read_manifest`: line 1 the root
@@ -24,8 +28,9 @@ Existing outputs (including ``DIR/errors.tsv``) are never overwritten without ``
 stops before loading the model. Files that cannot be read (missing, not a regular file, undecodable,
 shorter than 25 ms) are skipped, listed at the end and in ``DIR/errors.tsv``, and the run goes on.
 Exit status: 0 every clip embedded; 1 some clip failed (the others are written) or the checkpoint
-cannot be used; 2 bad arguments, an unusable manifest, or outputs in the way. Uses only the pure core
-(no fairseq); torch is imported after the arguments are parsed.
+cannot be used; 2 bad arguments (a missing checkpoint file among them), an unusable manifest, or
+outputs in the way. Uses only the pure core (no fairseq); torch is imported after the arguments are
+parsed.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from eat_fairseq.cli.common import (
     add_threads_argument,
     apply_threads,
     checkpoint_message,
+    checkpoint_path_error,
     device_error,
     fail,
     one_line,
@@ -184,11 +190,18 @@ def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
     return handle.prepare(wave, sample_rate=sr, source=item.path if row.kind == "file" else row.describe())
 
 
-def progress(total: int, desc: str) -> Any:
-    """A tqdm bar on stderr, silent when stderr is not a terminal (logs, pipes, tests)."""
+def progress(total: int, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr with clips/s (never inverted to s/clip) and the time left, for jobs long
+    enough to need one.
+
+    It appears after two seconds (a short job prints nothing but its summary) and never when
+    ``enabled`` is false (``--no-progress``) or stderr is not a terminal (logs, pipes, tests).
+    """
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
+    layout = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+    return tqdm(total=total, desc=desc, unit=" clips", file=sys.stderr, delay=2.0, bar_format=layout,
+                disable=not enabled or not sys.stderr.isatty())
 
 
 def clip_errors() -> tuple[type[BaseException], ...]:
@@ -271,17 +284,23 @@ def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["EATModelHandl
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--batch-size``, ``--device``, ``--threads`` and ``--trust-checkpoint`` (eat-extract and eat-tag)."""
+    """``--batch-size``, ``--device``, ``--threads``, ``--trust-checkpoint`` and ``--no-progress``
+    (eat-extract and eat-tag)."""
     parser.add_argument("--batch-size", type=int, default=8, help=f"clips loaded / windows {what} together")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (.onnx files: cpu)")
     add_threads_argument(parser)
     parser.add_argument(
         "--trust-checkpoint", action="store_true", help="read the checkpoint with full unpickling (your own files only)"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it shows on a terminal only)")
 
 
 def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors (exit 2) for the options of :func:`add_model_arguments`; applies ``--threads``."""
+    """Usage errors (exit 2) for ``--checkpoint`` and the options of :func:`add_model_arguments`;
+    applies ``--threads``."""
+    problem = checkpoint_path_error(args.checkpoint)
+    if problem:
+        parser.error(problem)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     problem = device_error(args.device)
@@ -299,10 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eat-extract",
         description="Write EAT embeddings of audio files, folders (recursive) or TSV manifests.",
         epilog="exit status: 0 every clip embedded, 1 some clip failed (listed in OUT/errors.tsv) or the "
-        "checkpoint cannot be used, 2 bad arguments, an unusable manifest or outputs in the way",
+        "checkpoint cannot be used, 2 bad arguments (a missing checkpoint file too), an unusable manifest or "
+        "outputs in the way",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or .tsv manifest")
-    parser.add_argument("--checkpoint", required=True, help="EAT checkpoint (pre-training, fine-tuned or converted)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="EAT checkpoint (pre-training, fine-tuned or converted) or eat-export .onnx"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--granularity",
@@ -406,8 +428,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     handle = load_for_cli(args, prog)
     if handle is None:
         return 1
-    if args.layer is not None and not -handle.num_layers <= args.layer < handle.num_layers:
-        return fail(prog, f"--layer must be in [-{handle.num_layers}, {handle.num_layers - 1}]", 2)
+    try:
+        handle.check_layer(args.layer)
+    except ValueError as exc:
+        return fail(prog, f"--layer: {exc}", 2)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.force and (out_dir / "errors.tsv").exists():
         (out_dir / "errors.tsv").unlink()  # a stale list from an earlier run would be misleading
@@ -419,7 +443,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     errors: list[tuple[str, str]] = []
     written = 0
-    with progress(total, prog) as bar:
+    with progress(total, prog, enabled=not args.no_progress) as bar:
         for item, result, error in run_batches(handle, loose, compute, args.batch_size, bar):
             if error is not None:
                 errors.append((item.path, error))

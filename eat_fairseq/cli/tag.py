@@ -2,7 +2,10 @@
 
     eat-tag --checkpoint CKPT [--labels class_labels_indices.csv] [--top-k K] [--json]
             [--aggregate mean|max] [--batch-size B] [--device cpu|cuda] [--threads N]
-            [--trust-checkpoint] AUDIO...
+            [--trust-checkpoint] [--no-progress] AUDIO...
+
+CKPT may also be the ``.onnx`` file ``eat-export`` writes from a fine-tuned checkpoint (labels and
+score type travel in its metadata).
 
 AUDIO is an audio file or a folder (searched recursively). Scores are sigmoid probabilities for
 multi-label models (AudioSet) and softmax probabilities for single-label ones (ESC-50), as the
@@ -18,8 +21,9 @@ Output: per file its path then one ``score  name (label)`` line per label; ``--j
 ``{"results": {path: [{"index", "label", "name", "score"}, ...]}, "errors": {path: message}}``.
 Unreadable files (missing, not a regular file, undecodable, shorter than 25 ms) are skipped and
 reported; exit status 0 when every file was tagged, 1 when some file failed (the others are printed)
-or the checkpoint has no classification head (a pre-training checkpoint), 2 for bad arguments. Uses
-only the pure core (no fairseq); torch is imported after the arguments are parsed.
+or the checkpoint has no classification head (a pre-training checkpoint), 2 for bad arguments (a
+missing checkpoint file too). Uses only the pure core (no fairseq); torch is imported after the
+arguments are parsed.
 """
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         "head, 2 bad arguments",
     )
     parser.add_argument("audio", nargs="+", metavar="AUDIO", help="audio file or folder")
-    parser.add_argument("--checkpoint", required=True, help="fine-tuned EAT checkpoint (ours, converted or released)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="fine-tuned EAT checkpoint (ours, converted or released) or its eat-export .onnx"
+    )
     parser.add_argument("--labels", default=None, help="CSV with display names (class_labels_indices.csv)")
     parser.add_argument("--top-k", type=int, default=5, help="labels per file (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -124,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     results: dict[str, list[dict[str, Any]]] = {}
     errors: list[tuple[str, str]] = []
-    with progress(len(items), prog) as bar:
+    with progress(len(items), prog, enabled=not args.no_progress) as bar:
         for item, scores, error in run_batches(handle, items, compute, args.batch_size, bar):
             if error is not None:
                 errors.append((item.path, error))

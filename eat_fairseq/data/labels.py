@@ -15,12 +15,16 @@ Formats:
 from __future__ import annotations
 
 import csv
+import operator
 import os
 import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eat_fairseq.data.manifest import id_for_path, read_manifest
+import numpy as np
+
+from eat_fairseq.data.manifest import id_for_path, read_manifest_rows
 
 
 class LabelError(ValueError):
@@ -50,6 +54,66 @@ class LabelSet:
             raise LabelError(f"label map indices are not 0..{len(pairs) - 1}")
         labels = [label for _, label in pairs]
         return cls(labels=labels, display_names=list(labels))
+
+
+class LabelTable:
+    """Class indices of every clip, stored flat: ``ids[offsets[i]:offsets[i + 1]]`` are clip ``i``'s.
+
+    Why: a dataset of AudioSet-2M held as a list of per-clip Python lists costs about 120 bytes per
+    clip, and forked data-loader workers copy the pages of every list they touch (reference counts).
+    Two numpy arrays cost ``2 * labels + 8`` bytes per clip (int16 ids when the classes fit) and are
+    only read. ``table[i]`` gives back the clip's indices as a new list of ints, equal to the list
+    :func:`read_split_labels` returned for it.
+    """
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray) -> None:
+        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(ids):
+            raise ValueError("LabelTable: offsets must run from 0 to len(ids)")
+        self.ids = ids
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_lists(cls, label_lists: Iterable[Sequence[int]]) -> "LabelTable":
+        """Pack per-clip lists of class indices (as :func:`read_split_labels` returns them)."""
+        lists = label_lists if isinstance(label_lists, Sequence) else list(label_lists)
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists)), out=offsets[1:])
+        ids = np.fromiter((int(c) for x in lists for c in x), dtype=np.int64, count=int(offsets[-1]))
+        if len(ids) and (ids.min() < 0 or ids.max() >= 2**31):
+            raise ValueError("LabelTable: class indices must be in 0 .. 2**31 - 1")
+        small = not len(ids) or ids.max() < 2**15
+        return cls(ids.astype(np.int16 if small else np.int32), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> list[int]:
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"clip {index} out of range for {n} clips")
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of label data held (the two arrays)."""
+        return self.ids.nbytes + self.offsets.nbytes
+
+    def select(self, index: np.ndarray) -> "LabelTable":
+        """The clips an array of indices picks, in that order."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return LabelTable(self.ids[gather], offsets)
 
 
 def read_label_descriptors(path: str | os.PathLike) -> LabelSet:
@@ -109,7 +173,7 @@ def read_manifest_paths(tsv_path: str | os.PathLike, resolve_shards: bool = Fals
     from eat_fairseq.data.shards import source_address
 
     out = []
-    for row in read_manifest(str(tsv_path))[1]:
+    for row in read_manifest_rows(str(tsv_path)):  # one row object at a time, even for 2M rows
         try:
             out.append(source_address(row))
         except (OSError, KeyError, zipfile.BadZipFile) as e:

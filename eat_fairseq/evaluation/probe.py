@@ -35,28 +35,34 @@ speakers are held out) or one fixed train/test pair. Results are mean and std ov
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
+import random
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eat_fairseq.data.audio import to_mono_16k
-from eat_fairseq.data.clips import read_row
-from eat_fairseq.model.encoder import EATEncoder
+from eat_fairseq.data.audio import AudioError, to_mono_16k
+from eat_fairseq.data.clips import open_clip, read_row
 from eat_fairseq.data.features import FeatureConfig, fbank_of, normalize, pad_or_crop, to_window
 from eat_fairseq.data.labels import read_label_descriptors, read_split_labels
-from eat_fairseq.data.manifest import read_manifest
+from eat_fairseq.data.manifest import ManifestRow, read_manifest_rows
+from eat_fairseq.model.encoder import EATEncoder
 
 __all__ = [
     "POOLINGS",
     "LOGMEL_POOLINGS",
+    "OnlineProbe",
     "ProbeData",
+    "ProbeDataError",
     "ProbeResult",
     "SplitSpec",
     "parse_splits",
@@ -72,6 +78,8 @@ __all__ = [
     "chance_level",
     "probe_logmel",
     "available_splits",
+    "check_fold_classes",
+    "isolated_rng",
 ]
 
 POOLINGS = ("cls", "mean", "freq", "freqstd")
@@ -83,6 +91,21 @@ KNN_TEMPERATURE = 0.07
 
 # --------------------------------------------------------------------------------------------------
 # data
+
+
+class ProbeDataError(ValueError):
+    """A labelled probe set that cannot be used, in one line naming the file (and line) at fault.
+
+    Raised while a training run sets up, so a bad label line or clip stops it before the first update
+    instead of at the first probe, possibly hours later and again at every restart.
+    """
+
+    @classmethod
+    def wrap(cls, data_dir: str, exc: BaseException) -> "ProbeDataError":
+        """The error for ``exc`` (whose message names the file and line) in one line, ``exc`` its cause."""
+        error = cls(f"probe data {data_dir}: {' '.join(str(exc).split()) or type(exc).__name__}")
+        error.__cause__ = exc
+        return error
 
 
 @dataclass
@@ -126,7 +149,8 @@ class ProbeData:
     """A labelled set as fbank features, ready for any encoder.
 
     ``fbank`` holds each clip's UNPADDED, un-normalised log-mel ``(T_i, F)``; ``labels`` ``(N,)``;
-    ``groups`` ``(N,)`` the index of each clip's split in ``split_names``; ``num_classes``.
+    ``groups`` ``(N,)`` the index of each clip's split in ``split_names``; ``num_classes``;
+    ``label_lines`` each clip's line in its split's ``.lbl`` (for messages; empty when not read from files).
     """
 
     fbank: list[Tensor]
@@ -137,6 +161,9 @@ class ProbeData:
     num_classes: int
     class_names: list[str]
     sample_rate: int = 16000
+    label_lines: list[int] = field(default_factory=list)
+    data_dir: str = ""
+    max_per_split: Optional[int] = None
 
     def __len__(self) -> int:
         return len(self.fbank)
@@ -147,8 +174,14 @@ class ProbeData:
         for g in range(len(self.split_names)):
             rows = (self.groups == g).nonzero().flatten().tolist()
             keep.extend(rows[i] for i in evenly_spaced(len(rows), max_per_split))
+        return self.take(keep)
+
+    def take(self, rows: Sequence[int]) -> "ProbeData":
+        """The clips ``rows`` (indices into this set), in that order."""
+        rows = list(rows)
         return dataclasses.replace(
-            self, fbank=[self.fbank[i] for i in keep], labels=self.labels[keep], groups=self.groups[keep]
+            self, fbank=[self.fbank[i] for i in rows], labels=self.labels[rows], groups=self.groups[rows],
+            label_lines=[self.label_lines[i] for i in rows] if self.label_lines else [],
         )
 
 
@@ -162,35 +195,55 @@ def evenly_spaced(n: int, m: Optional[int]) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, m).round()})
 
 
+def _check_header(row: ManifestRow, tsv: str) -> None:
+    """Open a row through the row reader without decoding its samples: the file (or span, or shard
+    member) exists, its header parses and it holds at least one frame. Errors name manifest and line."""
+    with open_clip(row, tsv) as clip:
+        if clip.frames <= 0:
+            raise AudioError(f"audio {row.describe()} (manifest {tsv}, line {row.line}) contains no samples")
+
+
 def load_probe_data(
     data_dir: str,
     splits: str | SplitSpec = "auto",
     sample_rate: int = 16000,
     num_mel_bins: int = 128,
     max_per_split: Optional[int] = None,
+    check_all_rows: bool = False,
 ) -> ProbeData:
     """Read the labelled splits of ``data_dir`` (``{split}.tsv`` + ``{split}.lbl`` +
-    ``label_descriptors.csv``; single-label) and compute every clip's fbank once."""
+    ``label_descriptors.csv``; single-label) and compute the fbank of the clips used once.
+
+    Every label line is parsed, also of the clips left out by ``max_per_split``. With
+    ``check_all_rows`` the rows left out are opened too (header only: existence, format, a frame
+    count), so a broken clip anywhere in the set is reported, not only in the clips used.
+    """
     spec = parse_splits(splits, data_dir) if isinstance(splits, str) else splits
     features = FeatureConfig(sample_rate=sample_rate, num_mel_bins=num_mel_bins, target_length=None)
     label_set = read_label_descriptors(os.path.join(data_dir, "label_descriptors.csv"))
     fbank: list[Tensor] = []
     labels: list[int] = []
     groups: list[int] = []
+    lines: list[int] = []
     names = spec.names()
     for g, name in enumerate(names):
         tsv = os.path.join(data_dir, f"{name}.tsv")
         if not os.path.isfile(tsv):
             raise FileNotFoundError(f"probe split {name!r}: {tsv} does not exist")
-        _, rows = read_manifest(tsv)
+        rows = read_manifest_rows(tsv)
         per_row = read_split_labels(os.path.join(data_dir, f"{name}.lbl"), label_set, tsv, multi_label=False)
-        keep = evenly_spaced(len(rows), max_per_split)
-        for row, lab in ((rows[i], per_row[i]) for i in keep):
+        keep = set(evenly_spaced(len(rows), max_per_split))
+        for i, (row, lab) in enumerate(zip(rows, per_row)):
+            if i not in keep:
+                if check_all_rows:
+                    _check_header(row, tsv)
+                continue
             # the one row reader: spans read their frames only, shard members their bytes
             wave, sr = read_row(row, tsv)
             fbank.append(fbank_of(to_mono_16k(wave, sr, sample_rate), sample_rate, features))
             labels.append(lab[0])
             groups.append(g)
+            lines.append(i + 1)  # label line i + 1 belongs to manifest row i (read_split_labels checks it)
     return ProbeData(
         fbank=fbank,
         labels=torch.tensor(labels, dtype=torch.long),
@@ -200,7 +253,39 @@ def load_probe_data(
         num_classes=len(label_set),
         class_names=list(label_set.labels),
         sample_rate=sample_rate,
+        label_lines=lines,
+        data_dir=data_dir,
+        max_per_split=max_per_split,
     )
+
+
+def check_fold_classes(data: ProbeData) -> None:
+    """Raise :class:`ProbeDataError` when a class of some fold's test side has no clip on its train
+    side: the classifier could never predict it, so the accuracy would be capped without saying so.
+
+    For leave-one-split-out that means every class present needs clips in at least two splits. The
+    message names the label file and line of the first such clip. A split without clips is refused
+    too (its fold would have nothing to test, or nothing to train on).
+    """
+    for g, split in enumerate(data.split_names):
+        if not bool((data.groups == g).any()):
+            raise ProbeDataError(f"{os.path.join(data.data_dir, split + '.tsv')}: probe split {split!r} has no clips")
+    for train, test, _ in _folds(data):
+        missing = set(data.labels[test].tolist()) - set(data.labels[train].tolist())
+        if not missing:
+            continue
+        first = min(int(i) for i in test if int(data.labels[i]) in missing)
+        split = data.split_names[int(data.groups[first])]
+        where = os.path.join(data.data_dir, f"{split}.lbl")
+        line = f":{data.label_lines[first]}" if data.label_lines else ""
+        name = data.class_names[int(data.labels[first])]
+        cap = f" among the clips used (at most {data.max_per_split} per split)" if data.max_per_split else ""
+        if data.spec.folds:
+            why = (f"class {name!r} has clips only in probe split {split!r}{cap}, so the fold that tests on "
+                   f"{split!r} never trains on it: every class needs clips in at least two splits")
+        else:
+            why = f"class {name!r} of the test split {split!r} has no clip in the train split {data.spec.train!r}{cap}"
+        raise ProbeDataError(f"{where}{line}: {why}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +331,11 @@ def encoder_features(
     cropped to ``target_length``), so a short clip is not described mostly by padding the encoder
     attends to; clips of equal padded length are batched together. The encoder runs in eval mode;
     its mode is restored afterwards.
+
+    Only the blocks up to the deepest layer asked for run, and only the outputs of the layers asked
+    for are pooled; the other blocks' outputs are dropped as soon as the next block has run, so
+    probing block L holds about one block output, not L of them. The pooled features are copies, so
+    no batch's block output outlives its batch (``h[:, 0]`` alone would keep it alive).
     """
     depth = len(encoder.blocks)
     layers = sorted({l % depth for l in layers})
@@ -262,6 +352,7 @@ def encoder_features(
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
     out: dict[tuple[int, str], list[Tensor]] = {(l, p): [] for l in layers for p in poolings}
+    out_layers = set(layers)
     order: list[int] = []
     was_training = encoder.training
     encoder.eval()
@@ -274,11 +365,12 @@ def encoder_features(
                 chunk = to_window(torch.stack([pad_or_crop(data.fbank[i], frames) for i in idx]), window)
                 chunk = chunk.to(device=device, dtype=dtype)
                 rp = real_patches[idx].to(device)
-                hidden = encoder.hidden_states(chunk, num_blocks=layers[-1] + 1)
-                for l in layers:
-                    h = hidden[l].float()
-                    for p in poolings:
-                        out[(l, p)].append(_pool(h, rp, num_freq, p).cpu())
+                for l, h in enumerate(encoder.iter_hidden_states(chunk, num_blocks=layers[-1] + 1)):
+                    if l in out_layers:
+                        h = h.float()
+                        for p in poolings:
+                            out[(l, p)].append(_pool(h, rp, num_freq, p).to("cpu", copy=True))
+                    del h
                 order.extend(idx)
     finally:
         encoder.train(was_training)
@@ -497,10 +589,30 @@ def chance_level(data: ProbeData) -> float:
 # online probe (during pre-training)
 
 
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block without disturbing the global random number generators: torch (CPU, and the
+    current CUDA device once CUDA is up), numpy and Python's ``random`` are restored afterwards.
+
+    The online probe works on rank 0 only and between training steps; if it drew from a global
+    stream, rank 0 would diverge from the others and a run with the probe from one without.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class OnlineProbe:
     """A cheap probe run periodically during pre-training: one layer and pooling, both classifiers.
 
-    The labelled set's fbank is computed once, on first use. :meth:`run` leaves every random
+    :meth:`prepare` validates the whole labelled set and computes the fbank of the clips used once;
+    the pre-training task calls it at set-up, so a broken set stops a run before its first update
+    (:meth:`data` prepares on first use for callers that do not). :meth:`run` leaves every random
     number generator (torch CPU and CUDA, numpy, Python) and the encoders' train/eval modes as it
     found them, so a run with the probe trains exactly like one without.
     """
@@ -528,30 +640,82 @@ class OnlineProbe:
         self.target_length = target_length
         self._data: Optional[ProbeData] = None
 
+    def prepare(self) -> ProbeData:
+        """Check the whole labelled set and load the clips used; raise :class:`ProbeDataError`.
+
+        Checked: every split exists, every label line parses (known class, one per clip, ids match
+        the manifest rows), every clip used decodes (it is read in full, as the probe reads it) and
+        every other row opens through the row reader (header only), and each fold's test classes
+        occur on its train side. Done once; global random number generators are left untouched.
+        """
+        if self._data is None:
+            try:
+                with isolated_rng():
+                    data = load_probe_data(self.data_dir, self.spec, self.feat.sample_rate,
+                                           self.feat.num_mel_bins, self.max_per_split, check_all_rows=True)
+                check_fold_classes(data)
+            except ProbeDataError:
+                raise
+            except Exception as exc:
+                raise ProbeDataError.wrap(self.data_dir, exc) from exc
+            self._data = data
+        return self._data
+
     @property
     def data(self) -> ProbeData:
-        if self._data is None:
-            self._data = load_probe_data(self.data_dir, self.spec, self.feat.sample_rate,
-                                         self.feat.num_mel_bins, self.max_per_split)
-        return self._data
+        return self.prepare()
+
+    def describe(self) -> str:
+        """One line for the log: clips, splits, folds, classes."""
+        data = self.data
+        folds = len(data.split_names) if data.spec.folds else 1
+        cap = f"at most {self.max_per_split} per split" if self.max_per_split else "all clips"
+        return (f"{len(data)} clips ({cap}) of {len(data.split_names)} splits, {folds} fold(s), "
+                f"{len(set(data.labels.tolist()))} classes, block {self.layer}, {self.pooling} pooling")
+
+    def _features(self, encoder: EATEncoder, data: ProbeData) -> Tensor:
+        return encoder_features(encoder, data, self.feat, [self.layer], [self.pooling],
+                                self.target_length)[(self.layer % len(encoder.blocks), self.pooling)]
+
+    def estimate_seconds(self, encoder: EATEncoder, num_encoders: int = 2, device: Optional[torch.device] = None,
+                         sample_clips: int = 8) -> dict[str, float]:
+        """Seconds one :meth:`run` over ``num_encoders`` encoders like ``encoder`` will take, measured.
+
+        The encoder's forward is timed on ``sample_clips`` clips (after one warm-up pass) on
+        ``device`` (default: where the encoder is; a copy is moved there otherwise, e.g. when the
+        trainer has not moved the model yet) and scaled to every clip; the classifiers are timed on
+        the first fold with random features of the probe's width and scaled to every fold. Returns
+        ``{"features": s, "classifiers": s, "total": s}``. Clips are padded to the full window here
+        as in :meth:`run`, so the per-clip time does not depend on which clips are sampled.
+        """
+        data = self.data
+        here = next(encoder.parameters()).device
+        with isolated_rng():
+            enc = encoder if device is None or torch.device(device) == here else copy.deepcopy(encoder).to(device)
+            few = data.take(range(min(sample_clips, len(data))))
+            self._features(enc, few)  # warm-up: first-call allocations, kernel selection
+            start = time.perf_counter()
+            width = self._features(enc, few).shape[1]
+            per_clip = (time.perf_counter() - start) / max(len(few), 1)
+            del enc
+            x = torch.randn(len(data), width, generator=torch.Generator().manual_seed(0))
+            folds = _folds(data)
+            train, test, val = folds[0]
+            start = time.perf_counter()
+            logreg_accuracy(x[train], data.labels[train], x[test], data.labels[test], data.num_classes, val)
+            knn_accuracy(x[train], data.labels[train], x[test], data.labels[test], data.num_classes)
+            per_fold = time.perf_counter() - start
+        features = per_clip * len(data) * num_encoders
+        classifiers = per_fold * len(folds) * num_encoders
+        return {"features": features, "classifiers": classifiers, "total": features + classifiers}
 
     def run(self, encoders: dict[str, EATEncoder]) -> dict[str, float]:
         """``{"probe_{name}_logreg": acc, "probe_{name}_knn": acc}`` for every named encoder."""
-        import random
-
-        py_state, np_state = random.getstate(), np.random.get_state()
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         out: dict[str, float] = {}
-        try:
-            with torch.random.fork_rng(devices=cuda):
-                data = self.data
-                for name, enc in encoders.items():
-                    x = encoder_features(enc, data, self.feat, [self.layer], [self.pooling],
-                                         self.target_length)[(self.layer % len(enc.blocks), self.pooling)]
-                    res = evaluate_features(x, data)
-                    out[f"probe_{name}_logreg"] = res["logreg"]
-                    out[f"probe_{name}_knn"] = res["knn"]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with isolated_rng():
+            data = self.data
+            for name, enc in encoders.items():
+                res = evaluate_features(self._features(enc, data), data)
+                out[f"probe_{name}_logreg"] = res["logreg"]
+                out[f"probe_{name}_knn"] = res["knn"]
         return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,8 +24,14 @@ from eat_fairseq.data import augment
 from eat_fairseq.data.audio import AudioError, to_mono_16k
 from eat_fairseq.data.clips import CROP_MODES, read_row_window
 from eat_fairseq.data.features import FeatureConfig, waveform_to_features
-from eat_fairseq.data.labels import LabelError
-from eat_fairseq.data.manifest import ManifestError, ManifestRow, read_manifest  # noqa: F401  (re-exported)
+from eat_fairseq.data.labels import LabelError, LabelTable
+from eat_fairseq.data.manifest import (  # noqa: F401  (ManifestError, ManifestRow, read_manifest: re-exported)
+    ManifestError,
+    ManifestRow,
+    ManifestRows,
+    read_manifest,
+    read_manifest_rows,
+)
 from eat_fairseq.data.sampling import WeightedEpochSampler
 from eat_fairseq.model.masking import MaskSpec
 
@@ -68,6 +74,13 @@ class EATAudioDataset(FairseqDataset):
             otherwise take a step from its zero-gradient dummy batch, or crash when that dummy is
             empty. Default: ``shuffle`` (training). Without it (evaluation) bad clips are dropped and
             an all-bad batch becomes a placeholder that the tasks evaluate as nothing.
+
+    The rows are held as a :class:`~eat_fairseq.data.manifest.ManifestRows` (flat numpy arrays,
+    ``self.rows[i]`` builds the :class:`ManifestRow` on demand): a list of row objects would cost
+    about 400 bytes per clip in every process and be copied page by page into every forked
+    data-loader worker as it touches the rows. ``kept_ordinals`` maps each clip to its position
+    among the manifest's data rows when ``min_samples`` dropped some (None when none was dropped),
+    so per-row side files (labels, weights) can be aligned.
     """
 
     MAX_REPLACEMENT_TRIES = 32
@@ -103,17 +116,21 @@ class EATAudioDataset(FairseqDataset):
         self.replace_bad = shuffle if replace_bad is None else replace_bad
         self.epoch = 1
         self._bad: set = set()  # indices found unreadable in this process
-        self.root, rows = read_manifest(manifest, check_root=True)
-        kept = [r for r in rows if r.num_samples >= max(min_samples, 1)]
-        n_short = len(rows) - len(kept)
+        rows = read_manifest_rows(manifest, check_root=True)
+        self.root = rows.root
+        keep = rows.sizes >= max(min_samples, 1)
+        n_short = len(rows) - int(np.count_nonzero(keep))
         if n_short:
             logger.info(
                 "%s: skipped %d of %d clips shorter than min_samples=%d", manifest, n_short, len(rows), min_samples
             )
         self.num_short_skipped = n_short
-        self.rows = kept
-        self.sizes = np.array([r.num_samples for r in kept], dtype=np.int64)
-        logger.info("%s: %d clips (crop=%s%s)", manifest, len(kept), crop, ", whole-file reads" if whole_file else "")
+        self.kept_ordinals: Optional[np.ndarray] = np.flatnonzero(keep) if n_short else None
+        self.rows: ManifestRows = rows.select(keep) if n_short else rows
+        self.sizes = self.rows.sizes
+        logger.info(
+            "%s: %d clips (crop=%s%s)", manifest, len(self.rows), crop, ", whole-file reads" if whole_file else ""
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -253,12 +270,15 @@ class EATLabelledDataset(EATAudioDataset):
 
     ``target`` in a batch is a multi-hot float (B, C) (multi-label) or class indices (B,) (single
     label). With ``sampler`` set, each epoch is the sampler's weighted draw (balanced sampling).
+    ``labels`` holds one list of class indices per manifest row (or a :class:`LabelTable`); they are
+    kept flat (:class:`~eat_fairseq.data.labels.LabelTable`) for the reason the rows are, and
+    ``self.labels[i]`` gives clip ``i``'s list back.
     """
 
     def __init__(
         self,
         manifest: str,
-        labels: List[List[int]],
+        labels: Union[Sequence[Sequence[int]], LabelTable],
         num_classes: int,
         multi_label: bool,
         augment_clips: bool = False,
@@ -268,12 +288,12 @@ class EATLabelledDataset(EATAudioDataset):
         **kwargs: Any,
     ) -> None:
         super().__init__(manifest, **kwargs)
-        data_lines = _data_line_numbers(manifest)
-        if len(data_lines) != len(labels):
-            raise LabelError(f"{manifest}: {len(data_lines)} rows but {len(labels)} label lines")
-        ordinal = {line: k for k, line in enumerate(data_lines)}
+        num_rows = len(self.rows) + self.num_short_skipped
+        if num_rows != len(labels):
+            raise LabelError(f"{manifest}: {num_rows} rows but {len(labels)} label lines")
+        table = labels if isinstance(labels, LabelTable) else LabelTable.from_lists(labels)
         # the base class may have dropped short clips: keep the labels of the surviving rows
-        self.labels = [labels[ordinal[row.line]] for row in self.rows]
+        self.labels: LabelTable = table if self.kept_ordinals is None else table.select(self.kept_ordinals)
         self.num_classes = num_classes
         self.multi_label = multi_label
         self.augment_clips = augment_clips
@@ -322,10 +342,3 @@ class EATLabelledDataset(EATAudioDataset):
         if self.sampler is not None:
             return self.sampler.indices(self.epoch)
         return super().ordered_indices()
-
-
-def _data_line_numbers(manifest: str) -> List[int]:
-    """1-based line numbers of the non-empty data rows (the base dataset identifies rows by line)."""
-    with open(manifest, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    return [i for i, line in enumerate(lines[1:], start=2) if line.strip()]

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum
+from fairseq.logging import metrics
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from fairseq.optim.lr_scheduler import FairseqLRScheduler, register_lr_scheduler
@@ -99,11 +100,22 @@ class EATCosineConfig(CosineLRScheduleConfig):
 
 
 class _GroupLR(FairseqOptimizer):
-    """Lets one fairseq scheduler drive the lr of one torch param group."""
+    """Lets one fairseq scheduler drive the lr of one torch param group.
 
-    def __init__(self, group: Dict[str, Any]) -> None:
+    The group is looked up by its index at every call, never kept: fairseq loads a resumed run's
+    optimizer state with ``load_state_dict``, which replaces the optimizer's group dicts, so a
+    kept dict would receive every later ``set_lr`` while the real optimizer stayed at the
+    checkpoint's rate.
+    """
+
+    def __init__(self, optimizer: Any, index: int) -> None:
         super().__init__(None)
-        self.group = group
+        self.owner = optimizer
+        self.index = index
+
+    @property
+    def group(self) -> Dict[str, Any]:
+        return self.owner.param_groups[self.index]
 
     def get_lr(self) -> float:
         return self.group["lr"]
@@ -154,8 +166,8 @@ class EATCosineSchedule(FairseqLRScheduler):
                 inner.per_group_schedule = True
             groups = list(optimizer.param_groups)
             self.schedules = [
-                CosineLRSchedule(_cosine_config(cfg, base_lr * float(g.get("lr_scale", 1.0))), _GroupLR(g))
-                for g in groups
+                CosineLRSchedule(_cosine_config(cfg, base_lr * float(g.get("lr_scale", 1.0))), _GroupLR(optimizer, i))
+                for i, g in enumerate(groups)
             ]
             scales = [float(g.get("lr_scale", 1.0)) for g in groups]
             self.report = max(range(len(groups)), key=scales.__getitem__)
@@ -171,4 +183,24 @@ class EATCosineSchedule(FairseqLRScheduler):
 
     def step_update(self, num_updates: int) -> float:
         lrs = [s.step_update(num_updates) for s in self.schedules]
+        self._log_real_lrs()
         return lrs[self.report]
+
+    def real_lrs(self) -> List[float]:
+        """The learning rates the optimizer's param groups hold now, in group order."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _log_real_lrs(self) -> None:
+        """Log what the optimizer really holds beside fairseq's ``lr`` (the schedule's value):
+        ``real_lr`` for the full-rate group and ``real_lr_min`` for the most decayed one. The two
+        ``lr`` columns differ only when the schedule no longer reaches the optimizer (the stale
+        group dicts a resume once left behind)."""
+        groups = self.optimizer.param_groups
+        top = max(groups, key=lambda g: float(g.get("lr_scale", 1.0)))
+        metrics.log_scalar("real_lr", float(top["lr"]), weight=0, priority=301)
+        metrics.log_scalar("real_lr_min", min(self.real_lrs()), weight=0, priority=302)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """fairseq's scheduler state plus each group's current lr (a record: the schedule itself is a
+        function of the update number, so a resume recomputes it rather than loading it)."""
+        return {**super().state_dict(), "group_lrs": self.real_lrs()}

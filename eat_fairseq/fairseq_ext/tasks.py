@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -34,14 +35,18 @@ from omegaconf import II, MISSING, OmegaConf, open_dict
 
 from eat_fairseq.checkpoints.convert import load_ours
 from eat_fairseq.data.features import FeatureConfig
+from eat_fairseq.data.identity import manifest_identity
 from eat_fairseq.data.labels import LabelError, LabelSet, read_label_descriptors, read_split_labels
 from eat_fairseq.data.sampling import WeightedEpochSampler, balanced_weights, read_weights
 from eat_fairseq.evaluation.metrics import evaluate_predictions, write_per_class_ap
-from eat_fairseq.evaluation.probe import POOLINGS, OnlineProbe
+from eat_fairseq.evaluation.probe import POOLINGS, OnlineProbe, ProbeDataError
 from eat_fairseq.model.masking import MaskSpec
 
+from .checkpoint_io import DATA_STATE_KEY
 from .checkpoint_io import install as install_checkpoint_io
+from .cpu_guard import adapt_to_cpu
 from .datasets import EATAudioDataset, EATLabelledDataset, is_placeholder
+from .setup_checks import check_data_folder, check_known_keys
 from .models import ARCH_FIELDS, cfg_get, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -81,15 +86,18 @@ def check_lr_schedule(task_cfg: Any) -> None:
 
 
 def prepare_run(task_cfg: Any, from_checkpoint: bool) -> None:
-    """Start-of-training settings shared by the eat_* tasks: the schedule check and ``num_threads``.
+    """Start-of-training settings shared by the eat_* tasks: keys nothing reads (a ``+`` typo), the
+    schedule check and ``num_threads``.
 
     Skipped when a task is rebuilt from a checkpoint (evaluation, loading), which must not fail on, or
     change the process because of, how that checkpoint was trained.
     """
     if from_checkpoint:
         return
+    check_known_keys(task_cfg)
     install_checkpoint_io()
     check_lr_schedule(task_cfg)
+    adapt_to_cpu(task_cfg)
     threads = int(getattr(task_cfg, "num_threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -160,6 +168,24 @@ class EATAudioTask(FairseqTask):
         super().begin_epoch(epoch, model)
         restart_stopped_wall_meter()
 
+    def train_data_identity(self) -> Optional[Dict[str, Any]]:
+        """The identity of the training manifest (:mod:`eat_fairseq.data.identity`), computed once.
+        Every checkpoint carries it, so that a resume can tell that the data changed."""
+        if not hasattr(self, "_train_identity"):
+            try:
+                manifest = os.path.join(str(self.cfg.data), f"{self.cfg.train_subset}.tsv")
+            except Exception:  # a bare task config (no dataset section to interpolate train_subset from)
+                manifest = None
+            self._train_identity = manifest_identity(manifest) if manifest else None
+        return self._train_identity
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = dict(super().state_dict())
+        identity = self.train_data_identity()
+        if identity is not None:
+            state[DATA_STATE_KEY] = identity
+        return state
+
     @property
     def source_dictionary(self) -> None:
         return None
@@ -170,6 +196,27 @@ class EATAudioTask(FairseqTask):
 
     def max_positions(self) -> Optional[int]:
         return None
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` on one line, for a warning that must not take a screen."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _training_device(task_cfg: Any) -> torch.device:
+    """The device fairseq's trainer will put the model on: CUDA unless ``common.cpu`` (or none)."""
+    cpu = False
+    if OmegaConf.is_config(task_cfg):
+        common = task_cfg._get_root().get("common")
+        cpu = bool(OmegaConf.is_config(common) and common.get("cpu"))
+    if torch.cuda.is_available() and not cpu:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass
@@ -194,7 +241,8 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     probe_data: Optional[str] = field(
         default=None,
         metadata={"help": "labelled manifest folder ({split}.tsv + {split}.lbl + label_descriptors.csv) for an "
-                  "online frozen-feature probe of the student and teacher; None disables it"},
+                  "online frozen-feature probe of the student and teacher, checked in full at start-up; "
+                  "None disables it"},
     )
     probe_splits: str = field(
         default="auto",
@@ -210,7 +258,15 @@ class EATPretrainingTaskConfig(FairseqDataclass):
                           "(2*W*D); mean: mean over patches; cls: CLS token"},
     )
     probe_max_per_split: int = field(
-        default=0, metadata={"help": "use at most this many clips of each probe split (0: all)"}
+        default=500,
+        metadata={"help": "use at most this many evenly spaced clips of each probe split, which bounds the "
+                  "probe's time and memory (0: all clips, however many)"},
+    )
+    probe_timeout_minutes: float = field(
+        default=60.0,
+        metadata={"help": "with several processes, how long the other ranks wait at a barrier for rank 0's "
+                  "probe (and its start-up check) before the run fails; keep it above the time estimate "
+                  "logged at start-up"},
     )
     diagnostics_interval_updates: int = field(
         default=100,
@@ -241,7 +297,9 @@ class EATPretrainingTask(EATAudioTask):
 
     def __init__(self, cfg: EATPretrainingTaskConfig) -> None:
         super().__init__(cfg)
-        self.probe: Optional[OnlineProbe] = None
+        self.probe_on = False  # every rank: whether probes are due (and so the barriers after them)
+        self.probe: Optional[OnlineProbe] = None  # rank 0 only: the data and the classifiers
+        self.probe_group: Optional[Any] = None  # the gloo group the other ranks wait in while rank 0 probes
         self.last_probe: Dict[str, float] = {}
 
     @classmethod
@@ -251,35 +309,143 @@ class EATPretrainingTask(EATAudioTask):
         task = cls(cfg)
         if cfg.probe_data and not from_checkpoint:
             # only for training: a checkpoint loaded elsewhere must not need the probe's data folder
-            task.probe = OnlineProbe(
-                os.path.abspath(cfg.probe_data),
-                task.feature_config(),
-                splits=cfg.probe_splits,
-                layer=cfg.probe_layer,
-                pooling=str(cfg.probe_pooling),
-                max_per_split=cfg.probe_max_per_split or None,
-            )
+            task.setup_probe()
         return task
 
+    def setup_probe(self) -> None:
+        """Check the probe set in full before the first update, on rank 0, and stop every rank together
+        if it is unusable.
+
+        Rank 0 reads all of it (:meth:`OnlineProbe.prepare`: splits, every label line, every clip, the
+        classes of each fold) and raises a one-line :class:`ProbeDataError`; the other ranks receive the
+        outcome through the probe's own gloo group and raise the same message, so no rank is left
+        waiting in a collective for one that died. That group (created here, by every rank, with a
+        timeout of ``probe_timeout_minutes``) is also where the other ranks wait while rank 0 checks
+        and later probes: waiting in the default group instead would hit its timeout (NCCL's watchdog:
+        10 minutes) and kill the job while rank 0 is merely busy.
+        """
+        self.probe_on = True
+        if not float(self.cfg.probe_timeout_minutes) > 0:
+            raise ValueError(f"task.probe_timeout_minutes must be positive, got {self.cfg.probe_timeout_minutes}")
+        timeout = timedelta(minutes=float(self.cfg.probe_timeout_minutes))
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.probe_group = dist.new_group(backend="gloo", timeout=timeout)
+        error: Optional[ProbeDataError] = None
+        if _global_rank() == 0:
+            start = time.perf_counter()
+            folder = os.path.abspath(str(self.cfg.probe_data))
+            try:
+                probe = OnlineProbe(
+                    folder,
+                    self.feature_config(),
+                    splits=str(self.cfg.probe_splits),
+                    layer=int(self.cfg.probe_layer),
+                    pooling=str(self.cfg.probe_pooling),
+                    max_per_split=int(self.cfg.probe_max_per_split) or None,
+                )
+                probe.prepare()
+                self.probe = probe
+                logger.info("probe set %s checked and loaded in %.1f s: %s", folder, time.perf_counter() - start,
+                            probe.describe())
+            except ProbeDataError as exc:
+                error = exc
+            except Exception as exc:  # the constructor's checks: folder, split spec, pooling
+                error = ProbeDataError.wrap(folder, exc)
+        if self.probe_group is not None:
+            outcome = [None if error is None else str(error)]
+            dist.broadcast_object_list(outcome, src=0, group=self.probe_group)
+            if error is None and outcome[0] is not None:
+                error = ProbeDataError(f"{outcome[0]} (checked on rank 0)")
+            if error is not None:  # no barrier will follow: let the group's threads end before the process
+                dist.destroy_process_group(self.probe_group)
+                self.probe_group = None
+        if error is not None:
+            raise error
+
+    def build_model(self, cfg: Any, from_checkpoint: bool = False) -> BaseFairseqModel:
+        """Build the model, then (training with a probe) log how long one probe will take.
+
+        Rank 0 times the student's forward on a few probe clips, on the device training will use, and
+        the classifiers on one fold, and warns when the estimate exceeds ``probe_timeout_minutes``:
+        with several processes the others would then give up waiting at the probe's barrier.
+        """
+        model = super().build_model(cfg, from_checkpoint)
+        if self.probe_on and not from_checkpoint:
+            depth = len(unwrap_model(model).encoder.blocks)
+            if not -depth <= int(self.cfg.probe_layer) < depth:  # every rank knows: they stop together
+                raise ValueError(f"task.probe_layer={self.cfg.probe_layer} is not a block of the {depth}-block "
+                                 f"encoder (0..{depth - 1}, or -{depth}..-1 from the end)")
+            if self.probe is not None:
+                self._log_probe_estimate(model)
+            self._probe_barrier("the probe's time estimate")
+        return model
+
+    def _log_probe_estimate(self, model: torch.nn.Module) -> None:
+        assert self.probe is not None
+        device = _training_device(self.cfg)
+        try:
+            est = self.probe.estimate_seconds(unwrap_model(model).encoder, num_encoders=2, device=device)
+        except Exception as exc:  # an estimate must never stop a run
+            logger.warning("probe: no time estimate (%s)", _cause(exc))
+            logger.debug("probe estimate failure", exc_info=True)
+            return
+        logger.info("probe: about %.1f s per probe (student + teacher: %.1f s features on %s, %.1f s classifiers; "
+                    "measured at start-up in fp32)", est["total"], est["features"], device, est["classifiers"])
+        minutes = float(self.cfg.probe_timeout_minutes)
+        if est["total"] > 60 * minutes:
+            logger.warning(
+                "probe: the estimated %.0f s per probe exceed task.probe_timeout_minutes=%g: with several processes "
+                "the other ranks stop waiting for rank 0 and the run fails. Lower task.probe_max_per_split or raise "
+                "task.probe_timeout_minutes", est["total"], minutes)
+
+    def _probe_barrier(self, what: str) -> None:
+        """Every rank waits here (in the probe's gloo group, not the default group) until rank 0 is done."""
+        if self.probe_group is None:
+            return
+        minutes = float(self.cfg.probe_timeout_minutes)
+        try:
+            torch.distributed.monitored_barrier(group=self.probe_group, timeout=timedelta(minutes=minutes))
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"rank {_global_rank()} waited more than task.probe_timeout_minutes={minutes:g} for {what} on rank 0 "
+                f"(or rank 0 died): {' '.join(str(exc).split())}"
+            ) from exc
+
     def run_probe(self, model: torch.nn.Module, num_updates: int) -> Dict[str, float]:
-        """Probe the student and the teacher now; log ``probe_*`` and return them (rank 0 only)."""
-        if self.probe is None:
+        """Probe the student and the teacher now; log ``probe_*`` and return them (rank 0; ``{}`` elsewhere).
+
+        A probe that fails is logged (one line; the traceback at debug level) and skipped: a diagnostic
+        must never stop training. Every rank then meets at the probe's barrier, so the others do not
+        wait for rank 0 inside the next step's collectives.
+        """
+        if not self.probe_on:
             return {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return {}
-        core = unwrap_model(model)
-        start = time.perf_counter()
-        with torch.no_grad():
-            res = self.probe.run({"student": core.encoder, "teacher": core.teacher})
-        self.last_probe = res
-        logger.info(
-            "probe at update %d (%.1f s, %s pooling, layer %d): %s",
-            num_updates, time.perf_counter() - start, self.probe.pooling, self.probe.layer,
-            ", ".join(f"{k[len('probe_'):]} {v:.4f}" for k, v in res.items()),
-        )
+        res: Dict[str, float] = {}
+        try:
+            if self.probe is not None:
+                core = unwrap_model(model)
+                start = time.perf_counter()
+                try:
+                    with torch.no_grad():
+                        res = self.probe.run({"student": core.encoder, "teacher": core.teacher})
+                except Exception as exc:
+                    logger.warning("probe at update %d failed and was skipped, training goes on: %s",
+                                   num_updates, _cause(exc))
+                    logger.debug("probe failure at update %d", num_updates, exc_info=True)
+                    return {}
+                self.last_probe = res
+                logger.info(
+                    "probe at update %d (%.1f s, %s pooling, layer %d): %s",
+                    num_updates, time.perf_counter() - start, self.probe.pooling, self.probe.layer,
+                    ", ".join(f"{k[len('probe_'):]} {v:.4f}" for k, v in res.items()),
+                )
+        finally:
+            self._probe_barrier(f"the probe at update {num_updates}")
         return res
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
+        check_data_folder(self.cfg.data)
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
         if not os.path.exists(manifest):
             raise FileNotFoundError(f"no manifest for split {split!r}: {manifest} does not exist")
@@ -328,7 +494,7 @@ class EATPretrainingTask(EATAudioTask):
             core.ema_step(update_num + 1)
         done = update_num + 1
         interval = self.cfg.probe_interval_updates
-        if self.probe is not None and ((interval > 0 and done % interval == 0) or done == self.cfg.max_update):
+        if self.probe_on and ((interval > 0 and done % interval == 0) or done == self.cfg.max_update):
             self.run_probe(model, done)
 
 
@@ -412,6 +578,8 @@ class EATClassificationTask(EATAudioTask):
     @classmethod
     def setup_task(cls, cfg: EATClassificationConfig, from_checkpoint: bool = False, **kwargs: Any):
         prepare_run(cfg, from_checkpoint)
+        if not from_checkpoint:
+            check_data_folder(cfg.data)  # before the label file inside it: a typo names the folder
         path = cfg.labels if os.path.isabs(cfg.labels) else os.path.join(str(cfg.data), cfg.labels)
         if os.path.isfile(path):
             label_set: Optional[LabelSet] = read_label_descriptors(path)
@@ -431,9 +599,10 @@ class EATClassificationTask(EATAudioTask):
 
     # task_state keeps the label map, so a checkpoint evaluates without the descriptor file
     def state_dict(self) -> Dict[str, Any]:
-        if self.label_set is None:
-            return {}
-        return {"labels": {label: int(i) for label, i in self.label_set.index.items()}}
+        state = super().state_dict()
+        if self.label_set is not None:
+            state["labels"] = {label: int(i) for label, i in self.label_set.index.items()}
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict and "labels" in state_dict:
@@ -445,6 +614,7 @@ class EATClassificationTask(EATAudioTask):
             self.label_set = restored
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
+        check_data_folder(self.cfg.data)
         data = str(self.cfg.data)
         manifest = os.path.join(data, f"{split}.tsv")
         if not os.path.exists(manifest):
@@ -457,7 +627,7 @@ class EATClassificationTask(EATAudioTask):
             check_ids=self.cfg.check_clip_ids,
         )
         is_train = split == str(self.cfg.train_subset)
-        sampler = None
+        weights = None
         if is_train and self.cfg.balanced_sampling:
             weights_path = self.cfg.weights_file or os.path.join(data, f"{split}.weights")
             if os.path.isfile(weights_path):
@@ -465,11 +635,7 @@ class EATClassificationTask(EATAudioTask):
             else:
                 logger.info("%s not found: computing balanced weights from the labels", weights_path)
                 weights = balanced_weights(labels, self.num_classes)
-            dataset_rows = self._kept_rows(manifest)
-            weights = weights[dataset_rows] if dataset_rows is not None else weights
-            num = min(int(self.cfg.samples_per_epoch), int((weights > 0).sum()))
-            sampler = WeightedEpochSampler(weights, num, seed=int(self.cfg.seed))
-        self.datasets[split] = EATLabelledDataset(
+        dataset = EATLabelledDataset(
             manifest,
             labels=labels,
             num_classes=self.num_classes,
@@ -477,7 +643,6 @@ class EATClassificationTask(EATAudioTask):
             augment_clips=is_train,
             roll_and_gain=self.cfg.roll_and_gain,
             noise_and_roll=self.cfg.noise_and_roll,
-            sampler=sampler,
             features=self.feature_config(),
             min_samples=self.cfg.min_sample_size,
             on_error=str(self.cfg.on_bad_file),
@@ -485,15 +650,13 @@ class EATClassificationTask(EATAudioTask):
             seed=int(self.cfg.seed),
             **self.clip_options(split),
         )
-
-    def _kept_rows(self, manifest: str) -> Optional[np.ndarray]:
-        """Row ordinals the base dataset keeps after ``min_sample_size`` (None = all)."""
-        if self.cfg.min_sample_size <= 0:
-            return None
-        with open(manifest, encoding="utf-8") as handle:
-            rows = [line for line in handle.read().splitlines()[1:] if line.strip()]
-        keep = [k for k, row in enumerate(rows) if int(row.split("\t")[1]) >= max(self.cfg.min_sample_size, 1)]
-        return np.array(keep, dtype=np.int64)
+        if weights is not None:
+            # one weight per manifest row: keep those of the clips the dataset kept (min_sample_size)
+            if dataset.kept_ordinals is not None:
+                weights = weights[dataset.kept_ordinals]
+            num = min(int(self.cfg.samples_per_epoch), int((weights > 0).sum()))
+            dataset.sampler = WeightedEpochSampler(weights, num, seed=int(self.cfg.seed))
+        self.datasets[split] = dataset
 
     def build_model(self, cfg: Any, from_checkpoint: bool = False) -> BaseFairseqModel:
         """Complete the model config before building: classes from the labels and, when starting

@@ -17,7 +17,10 @@ unpickler unless ``trusted=True``.
 - our fine-tuned checkpoints (model ``eat_classifier``: ``encoder.*``, ``fc_norm.*``, ``head.*``,
   labels from ``task_state["labels"]``);
 - released EAT files and the Hugging Face port's ``.safetensors``, converted in memory by
-  :mod:`eat_fairseq.checkpoints.convert` (the same conversion ``eat-convert`` writes to disk).
+  :mod:`eat_fairseq.checkpoints.convert` (the same conversion ``eat-convert`` writes to disk);
+- ``.onnx`` files written by ``eat-export`` (any of the above, exported): the same handle, with the
+  encoder run by onnxruntime (:mod:`eat_fairseq.inference.onnx_backend`); their metadata carry the
+  feature settings and labels, so the file alone is enough.
 
 Feature settings (``target_length``, ``norm_mean``, ``norm_std``, ``sample_rate``) come from
 ``cfg.task``; missing ones default to the AudioSet settings.
@@ -199,9 +202,10 @@ def load_model(
     """Load an EAT checkpoint for inference (see the module docstring for what is accepted).
 
     Args:
-        path: our fairseq checkpoint (pre-training or fine-tuned), a released EAT ``.pt`` or the
-            Hugging Face port's ``.safetensors``.
-        device: where the model runs (features are computed there too).
+        path: our fairseq checkpoint (pre-training or fine-tuned), a released EAT ``.pt``, the
+            Hugging Face port's ``.safetensors``, or an ``.onnx`` file written by ``eat-export``
+            (run by onnxruntime: :mod:`eat_fairseq.inference.onnx_backend`).
+        device: where the model runs (features are computed there too); ``.onnx`` files run on the CPU.
         trusted: read the ``.pt`` with full unpickling (only for files you produced); the default
             restricted unpickler refuses files that ask to run code.
         use_teacher: pre-training checkpoints only: use the EMA teacher instead of the student.
@@ -211,6 +215,12 @@ def load_model(
     :class:`ModelLoadError`) naming the file when it cannot be read or used.
     """
     name = os.fspath(path)
+    from eat_fairseq.inference.onnx_backend import is_onnx_path, load_onnx
+
+    if is_onnx_path(name):
+        if use_teacher:
+            raise ModelLoadError(f"{name}: use_teacher does not apply to an .onnx file (choose the teacher at eat-export)")
+        return load_onnx(name, device=device, batch_size=batch_size)
     ckpt = _read_checkpoint(name, trusted)
     cfg = ckpt["cfg"] if isinstance(ckpt["cfg"], Mapping) else {}
     cfg_model = cfg.get("model") if isinstance(cfg.get("model"), Mapping) else {}
@@ -308,6 +318,16 @@ class EATModelHandle:
         self.multi_label = multi_label
         self.batch_size = batch_size
         self.source = source
+
+    def check_layer(self, layer: int | None) -> None:
+        """Raise ``ValueError`` (with the accepted range) for a ``layer`` this model cannot give.
+
+        The CLIs call it before reading any audio, so a bad ``--layer`` is one usage error, not
+        one failure per clip.
+        """
+        depth = self.num_layers
+        if layer is not None and not -depth <= layer < depth:
+            raise ValueError(f"layer must be in [-{depth}, {depth - 1}], got {layer}")
 
     def __repr__(self) -> str:
         cfg = self.encoder.cfg
@@ -448,6 +468,13 @@ class EATModelHandle:
         """Cut each fbank into windows; returns ``(windows (N, L, F) normalised, valid frames per window per clip)``."""
         pieces, valid = zip(*(split_windows(fb, self.feature_cfg) for fb in fbanks))
         return torch.cat(pieces), list(valid)
+
+    def windows(self, waves: list[Tensor]) -> tuple[Tensor, list[list[int]]]:
+        """Mono waveforms at the model rate -> the encoder's input: ``(windows (N, L, F) normalised, real
+        frames per window per clip)``, as :meth:`extract` computes it (for timing or checking the
+        encoder alone, e.g. ``eat-export``'s accuracy check)."""
+        with torch.no_grad():
+            return self._windows(self._fbank(waves))
 
     def _run(self, windows: Tensor, layer: int | None, want_patches: bool, want_logits: bool) -> dict[str, Tensor]:
         """Encoder over windows in batches; per window: ``cls`` (N, D), ``frame`` (N, H, D),

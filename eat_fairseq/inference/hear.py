@@ -20,6 +20,9 @@ samples), are refused with a ``ValueError`` instead of returning NaN or padding-
 Both come from the last block by default; set ``model.layer`` to use another block (0-based).
 Runs on the pure-PyTorch packages only (no fairseq needed). ``model.to("cuda")`` moves the encoder;
 embeddings are computed on the model's device and returned on the audio's device.
+
+An ``.onnx`` file written by ``eat-export`` is accepted like a checkpoint: its encoder runs on the
+CPU with onnxruntime (``pip install 'eat_fairseq[onnx]'``), its block is the one exported.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class HearModel(nn.Module):
         super().__init__()
         if handle.sample_rate != self.sample_rate:
             raise ValueError(f"HEAR audio is 16 kHz but the checkpoint's features run at {handle.sample_rate} Hz")
+        handle.check_layer(layer)
         self.handle = handle
         self.encoder = handle.encoder
         self.layer = layer
@@ -62,16 +66,19 @@ class HearModel(nn.Module):
 
 
 def load_model(model_file_path: str = "", device: Optional[str] = None, layer: Optional[int] = None) -> HearModel:
-    """Load an EAT checkpoint (any kind :func:`eat_fairseq.inference.api.load_model` accepts) as a HEAR model.
+    """Load an EAT checkpoint (any kind :func:`eat_fairseq.inference.api.load_model` accepts, ``.onnx``
+    included) as a HEAR model.
 
     An empty ``model_file_path`` reads the path from ``$EAT_HEAR_CHECKPOINT`` (nothing is downloaded).
-    ``device`` defaults to CUDA when available.
+    ``device`` defaults to CUDA when available (the CPU for ``.onnx`` files, which run there).
     """
+    from eat_fairseq.inference.onnx_backend import is_onnx_path
+
     path = model_file_path or os.environ.get(CHECKPOINT_ENV, "")
     if not path:
         raise ValueError(f"no checkpoint: pass model_file_path or set ${CHECKPOINT_ENV}")
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and not is_onnx_path(path) else "cpu"
     return HearModel(_load_handle(path, device=device), layer=layer)
 
 

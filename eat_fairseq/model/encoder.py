@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -350,20 +351,24 @@ class EATEncoder(nn.Module):
             x = self.gather_visible(x, mask.to(x.device))  # (B, V, D)
         return self.encode(x)
 
-    def hidden_states(self, fbank: Tensor, num_blocks: int | None = None) -> list[Tensor]:
-        """Unmasked outputs of the first ``num_blocks`` blocks (default all): a list of ``(B, 1+P, D)``.
+    def iter_hidden_states(self, fbank: Tensor, num_blocks: int | None = None) -> Iterator[Tensor]:
+        """Unmasked outputs of the first ``num_blocks`` blocks (default all), one ``(B, 1+P, D)`` at a time.
 
-        One pass for every layer a probe wants, instead of one :meth:`extract_features` per layer.
+        One pass for every layer a probe wants, instead of one :meth:`extract_features` per layer. A
+        generator, so a consumer that keeps only the blocks it uses holds one block output at a time
+        (the last block of EAT-large over a 1024-frame batch would otherwise sit beside 23 others).
         """
         num_blocks = len(self.blocks) if num_blocks is None else num_blocks
         cls = self.cls_token.expand(fbank.shape[0], -1, -1)
         x = self.embed(fbank)
         x = self.pre_norm(torch.cat([cls.to(x.dtype), x], dim=1))  # (B, 1+P, D)
-        states = []
         for block in self.blocks[:num_blocks]:
             x, _ = block(x)
-            states.append(x)
-        return states
+            yield x
+
+    def hidden_states(self, fbank: Tensor, num_blocks: int | None = None) -> list[Tensor]:
+        """Every output of :meth:`iter_hidden_states` in a list: ``num_blocks`` of ``(B, 1+P, D)``."""
+        return list(self.iter_hidden_states(fbank, num_blocks))
 
     def extract_features(self, fbank: Tensor, layer: int | None = None) -> Tensor:
         """Unmasked features ``(B, 1+P, D)``, CLS first, from block ``layer`` (0-based; default last).

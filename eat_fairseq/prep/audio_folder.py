@@ -124,5 +124,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_audio_folder_manifest(
         args.root, args.dest, exts=args.ext, valid_percent=args.valid_percent, seed=args.seed,
-        workers=args.workers, force=args.force, quiet=args.quiet))
+        workers=args.workers, force=args.force, quiet=args.quiet), all_or_nothing=True)
 

@@ -224,4 +224,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_audioset_manifest(
         args.segments, args.split_name, args.audio_dir, args.labels, args.dest,
-        workers=args.workers, force=args.force, quiet=args.quiet))
+        workers=args.workers, force=args.force, quiet=args.quiet), all_or_nothing=True)

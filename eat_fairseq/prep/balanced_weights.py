@@ -80,4 +80,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: write_balanced_weights(args.labels, args.out, force=args.force))
+    return run_cli(lambda: write_balanced_weights(args.labels, args.out, force=args.force), all_or_nothing=True)

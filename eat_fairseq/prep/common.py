@@ -10,6 +10,12 @@ Every writer in this package follows the same life cycle, so the pieces live her
    half-written manifest that a later run or a trainer would take for a complete one;
 4. return a ``ManifestReport`` and print its summary.
 
+The CLIs run their writer inside :func:`staged_outputs` (``run_cli(..., all_or_nothing=True)``): every
+output stays a temporary file until the writer has succeeded and found usable audio, then all are
+renamed into place together. A failed run (no usable audio, an error half-way) therefore leaves no
+outputs behind: no empty ``.tsv`` that the next run would refuse to overwrite without ``--force``, and
+with ``--force`` the earlier outputs stay intact.
+
 File formats (docs/reference.md section 6):
 
 - ``{split}.tsv``: first line the absolute root directory, then ``relative/path<TAB>n_samples`` where
@@ -31,6 +37,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -322,9 +329,76 @@ def check_outputs(paths: Iterable[Path], force: bool,
         raise OutputExistsError(f"refusing to overwrite existing output(s) (use --force):\n  {listed}")
 
 
+class OutputStage:
+    """Outputs written while :func:`staged_outputs` is open: temporary files held back from their
+    final names, and the folders created for them, until :meth:`commit` or :meth:`discard`."""
+
+    def __init__(self) -> None:
+        self.pending: dict[Path, Path] = {}  # final path -> its temporary file
+        self.new_dirs: list[Path] = []
+        self.discarded = False
+
+    def make_parent(self, path: Path) -> None:
+        missing = [p for p in reversed(path.parents) if not p.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.new_dirs.extend(missing)
+
+    def hold(self, tmp: Path, path: Path) -> None:
+        earlier = self.pending.pop(path, None)
+        if earlier is not None and earlier.exists():
+            earlier.unlink()
+        self.pending[path] = tmp
+
+    def commit(self) -> None:
+        for path, tmp in self.pending.items():
+            os.replace(tmp, path)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        """Delete the held files and the folders made for them (when empty): nothing was written."""
+        self.discarded = True
+        for tmp in self.pending.values():
+            if tmp.exists():
+                tmp.unlink()
+        self.pending.clear()
+        for folder in reversed(self.new_dirs):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self.new_dirs.clear()
+
+
+_stage: OutputStage | None = None
+
+
+@contextmanager
+def staged_outputs() -> Iterator[OutputStage]:
+    """Hold back every file :func:`write_text_atomic` writes in the block; rename them all into place
+    when the block ends normally (unless :meth:`OutputStage.discard` was called), delete them when it
+    raises. Stages do not nest."""
+    global _stage
+    if _stage is not None:
+        raise RuntimeError("staged_outputs() is already open")
+    stage = _stage = OutputStage()
+    try:
+        yield stage
+    except BaseException:
+        stage.discard()
+        raise
+    else:
+        if not stage.discarded:
+            stage.commit()
+    finally:
+        _stage = None
+
+
 def write_text_atomic(path: Path, text: str | Iterable[str]) -> Path:
-    """Write ``text`` (a string or an iterable of chunks) to ``path`` via a temporary file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``text`` (a string or an iterable of chunks) to ``path`` via a temporary file + rename
+    (inside :func:`staged_outputs`, the rename waits for the end of the stage)."""
+    stage = _stage
+    if stage is not None:
+        stage.make_parent(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -333,9 +407,12 @@ def write_text_atomic(path: Path, text: str | Iterable[str]) -> Path:
             else:
                 for chunk in text:
                     f.write(chunk)
-        os.replace(tmp, path)
+        if stage is not None:
+            stage.hold(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if stage is None and tmp.exists():
             tmp.unlink()
     return path
 
@@ -462,21 +539,37 @@ def add_common_args(parser: argparse.ArgumentParser, workers: bool = True, force
                             help="processes used to open the audio files (default: %(default)s)")
 
 
-def run_cli(action: Callable[[], ManifestReport | int]) -> int:
+def run_cli(action: Callable[[], ManifestReport | int], all_or_nothing: bool = False) -> int:
     """Run a writer for a CLI: print its summary; map ``PrepError`` to exit status 2.
 
     Exit status: 0 written, 1 nothing usable was found, 2 bad arguments/input or outputs in the way.
+    With ``all_or_nothing`` the writer runs inside :func:`staged_outputs`, so a run that fails (status 1
+    or 2, or an exception) leaves no outputs (the writers that move their own outputs, like ``pack``,
+    do without it).
     """
-    try:
-        result = action()
-    except PrepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if isinstance(result, int):
-        return result
-    print(result.summary())
-    if result.total_rows == 0:
-        print("error: no usable audio was found", file=sys.stderr)
-        return 1
+    with staged_outputs() if all_or_nothing else _no_stage() as stage:
+        try:
+            result = action()
+        except PrepError as exc:
+            if stage is not None:
+                stage.discard()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(result, int):
+            if result != 0 and stage is not None:
+                stage.discard()
+            return result
+        print(result.summary())
+        if result.total_rows == 0:
+            if stage is not None:
+                stage.discard()
+            print("error: no usable audio was found" + ("; nothing was written" if stage is not None else ""),
+                  file=sys.stderr)
+            return 1
     return 0
+
+
+@contextmanager
+def _no_stage() -> Iterator[None]:
+    yield None
 

@@ -112,4 +112,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_esc50_manifests(args.esc50_dir, args.dest, workers=args.workers,
-                                                 force=args.force, quiet=args.quiet))
+                                                 force=args.force, quiet=args.quiet), all_or_nothing=True)

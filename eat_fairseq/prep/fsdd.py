@@ -115,4 +115,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_fsdd_manifests(args.recordings, args.dest, workers=args.workers,
-                                                force=args.force, quiet=args.quiet, split_by=args.split_by))
+                                                force=args.force, quiet=args.quiet, split_by=args.split_by),
+                   all_or_nothing=True)

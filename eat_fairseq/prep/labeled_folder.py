@@ -215,4 +215,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.root, args.dest, valid_percent=10.0 if args.valid_percent is None else args.valid_percent,
         seed=0 if args.seed is None else args.seed,
         train_list=args.train_list, valid_list=args.valid_list, test_list=args.test_list,
-        exts=args.ext, workers=args.workers, force=args.force, quiet=args.quiet))
+        exts=args.ext, workers=args.workers, force=args.force, quiet=args.quiet), all_or_nothing=True)

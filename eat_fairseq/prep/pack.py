@@ -10,6 +10,8 @@ import argparse
 import multiprocessing
 import os
 import re
+import shutil
+import uuid
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from eat_fairseq.data.manifest import (
 from eat_fairseq.data.clips import open_clip
 from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
+    OutputExistsError,
     PrepError,
     add_common_args,
     check_outputs,
@@ -59,8 +62,12 @@ FLAC of the same bit depth instead: lossless, about half the size; float and alr
 sources are stored unchanged. A span (window) row is stored as its samples alone, in the source's
 sample format (WAV, or FLAC with --flac).
 Shards are assigned in manifest order before any is written, so the output does not depend on
---workers; each shard is written to a temporary file and renamed when complete.
-Existing outputs are not overwritten without --force (exit status 2).
+--workers. Everything is written into a temporary folder beside DEST (.DEST.pack-tmp-*) and moved into
+DEST only when complete, so a failed or interrupted run leaves DEST as it was; with --force the
+outputs of an earlier run are replaced (and its extra shards removed) only then.
+Existing outputs are not overwritten without --force (exit status 2); nor is a temporary folder left
+by a killed run (--force removes it). Rows whose files lie inside DEST (symlinks resolved) are refused
+whatever the options (exit status 2): packing would replace or remove its own input.
 exit status: 0 written, 1 no rows to pack, 2 bad arguments or outputs in the way."""
 
 SHARD_NAME = "shard_{:03d}.zip"
@@ -106,6 +113,7 @@ class PackReport:
     bytes_written: int = 0
     flac_members: int = 0
     outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_rows(self) -> int:
@@ -116,6 +124,7 @@ class PackReport:
         lines += [f"  {name}: {rows} rows" for name, rows in self.splits.items()]
         lines.append(f"{self.members} clips in {self.shards} shard(s), {self.bytes_written / 1e9:.3f} GB"
                      + (f" ({self.flac_members} stored as FLAC)" if self.flac_members else ""))
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
@@ -215,6 +224,70 @@ def _write_shard(job: tuple[str, list[Source], bool]) -> tuple[list[tuple[int, i
     return ranges, os.path.getsize(path), n_flac
 
 
+def _temp_prefix(real_dest: Path) -> str:
+    """Name prefix of the working folders beside ``real_dest`` (hidden, and unmistakably pack's)."""
+    return f".{real_dest.name}.pack-tmp-"
+
+
+def _leftover_temps(real_dest: Path) -> list[Path]:
+    """Working folders of earlier runs beside ``real_dest``: a run that was killed (SIGKILL, power loss)
+    could not remove its own, and one that is still running owns its folder."""
+    parent, prefix = real_dest.parent, _temp_prefix(real_dest)
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
+
+
+def _refuse_sources_inside(parsed: list[tuple[Path, list[ManifestRow]]], real_dest: Path, dest: Path) -> None:
+    """Raise ``PrepError`` naming the first row whose file lies inside ``real_dest`` (symlinks resolved).
+
+    Such a row (typically a shard row of an earlier pack into the same folder) addresses a file that
+    this run's outputs replace or remove (the new shards, the removal of stale ones), so the run would
+    destroy its own input and leave rows pointing at nothing; no option makes that safe, so inputs and
+    outputs are kept apart. Folders are resolved once each (a manifest holds many files per folder),
+    files only when they are symlinks themselves.
+    """
+    inside = str(real_dest).rstrip(os.sep) + os.sep
+    real_folders: dict[str, str] = {}
+    checked: set[str] = set()
+    for manifest, rows in parsed:
+        for row in rows:
+            if row.path in checked:
+                continue
+            checked.add(row.path)
+            folder, name = os.path.split(row.path)
+            real_folder = real_folders.get(folder)
+            if real_folder is None:
+                real_folder = real_folders[folder] = os.path.realpath(folder)
+            real = os.path.join(real_folder, name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+            if real.startswith(inside):
+                raise PrepError(f"{manifest}:{row.line}: {row.describe()} lies inside --dest {dest} ({real}); "
+                                f"packing into the folder that holds the sources would replace them: choose "
+                                f"another --dest")
+
+
+def _swap_in(work: Path, real_dest: Path) -> None:
+    """Move the complete outputs in ``work`` to ``real_dest``; remove ``work`` and any stale shard.
+
+    A new destination is ``work`` renamed (atomic). An existing one keeps its own identity (permissions,
+    a symlink pointing to it, files that are not pack's): each output is renamed over the old one, shards
+    first, then the manifests; shards of an earlier, larger run are removed last. Nothing is read or
+    written in this step, so only a crash between these few renames can leave a mix of old and new.
+    """
+    if not real_dest.exists():
+        os.rename(work, real_dest)
+        return
+    names = sorted((p.name for p in work.iterdir()), key=lambda n: (not _SHARD_RE.match(n), n))
+    for name in names:
+        os.replace(work / name, real_dest / name)
+    for old in real_dest.iterdir():
+        if _SHARD_RE.match(old.name) and old.name not in names:
+            old.unlink()
+    work.rmdir()
+
+
 def pack_manifests(
     manifest_dir: str | os.PathLike,
     dest: str | os.PathLike,
@@ -226,33 +299,47 @@ def pack_manifests(
 ) -> PackReport:
     """Pack every manifest of ``manifest_dir`` into zip shards in ``dest`` (format: ``OUTPUT_FORMAT``).
 
-    Raises ``PrepError`` for a bad input and ``OutputExistsError`` when an output exists and
-    ``force`` is False (checked before anything is written).
+    Raises ``PrepError`` for a bad input (including a row whose file lies inside ``dest``) and
+    ``OutputExistsError`` when an output, or the working folder of a killed run, exists and ``force``
+    is False (all checked before anything is written). The outputs are written into a working folder
+    beside ``dest`` and moved into ``dest`` only when complete (:func:`_swap_in`), so a failure leaves
+    ``dest`` as it was and removes the working folder.
     """
     src_dir = Path(os.path.abspath(os.fspath(manifest_dir)))
     dest_p = Path(os.path.abspath(os.fspath(dest)))
     if not src_dir.is_dir():
         raise PrepError(f"manifest folder {src_dir} is not a directory")
-    if src_dir == dest_p:
+    real_dest = Path(os.path.realpath(dest_p))
+    if src_dir == dest_p or os.path.realpath(src_dir) == str(real_dest):
         raise PrepError("--dest must differ from the manifest folder")
+    if real_dest.exists() and not real_dest.is_dir():
+        raise PrepError(f"--dest {dest_p} exists and is not a folder")
     if shard_size <= 0:
         raise PrepError(f"the shard size must be positive, got {shard_size}")
     manifests = find_manifests(src_dir)
     if not manifests:
         raise PrepError(f"no manifests (*.tsv with a root folder on line 1) in {src_dir}")
     copied = sorted(p for p in src_dir.iterdir() if p.is_file() and p.suffix in COPIED_SUFFIXES)
-    old_shards = sorted(p for p in dest_p.glob("shard_*.zip") if _SHARD_RE.match(p.name)) if dest_p.is_dir() else []
-    check_outputs([dest_p / m.name for m in manifests] + [dest_p / c.name for c in copied] + old_shards, force)
 
-    # 1. read every manifest; one Source per distinct clip, in first-seen order
+    # 1. read every manifest; refuse rows inside the destination and outputs in the way; then one
+    # Source per distinct clip, in first-seen order
     parsed: list[tuple[Path, list[ManifestRow]]] = []
-    keys: dict[tuple[str, str, int, int], int] = {}
-    sources: list[Source] = []
     for manifest in manifests:
         try:
             _, rows = read_manifest(str(manifest), check_root=True)
         except ManifestError as e:
             raise PrepError(str(e)) from None
+        parsed.append((manifest, rows))
+    _refuse_sources_inside(parsed, real_dest, dest_p)
+    old_shards = sorted(p for p in dest_p.glob("shard_*.zip") if _SHARD_RE.match(p.name)) if dest_p.is_dir() else []
+    check_outputs([dest_p / m.name for m in manifests] + [dest_p / c.name for c in copied] + old_shards, force)
+    leftovers = _leftover_temps(real_dest)
+    if leftovers and not force:
+        raise OutputExistsError(f"{leftovers[0]} is the working folder of an earlier pack run that was killed (or "
+                                f"is still running); remove it, or use --force to remove it")
+    keys: dict[tuple[str, str, int, int], int] = {}
+    sources: list[Source] = []
+    for manifest, rows in parsed:
         for row in rows:
             key = (row.kind, row.path, row.offset, row.length)
             if key in keys:
@@ -263,7 +350,6 @@ def pack_manifests(
                 raise PrepError(f"{manifest}:{row.line}: cannot read {row.describe()}: {e}") from None
             keys[key] = len(sources)
             sources.append(src)
-        parsed.append((manifest, rows))
 
     # 2. plan the shards (manifest order, cut at the size limit) -- independent of --workers
     plan: list[list[int]] = [[]]
@@ -277,12 +363,30 @@ def pack_manifests(
     if not sources:
         plan = []
 
-    # 3. write the shards
-    dest_p.mkdir(parents=True, exist_ok=True)
-    for old in old_shards:  # --force: no stale shard of an earlier, larger run may remain
-        old.unlink()
-    jobs = [(str(dest_p / SHARD_NAME.format(k)), [sources[i] for i in members], flac) for k, members in enumerate(plan)]
+    # 3. write everything into a working folder beside the destination (same filesystem, so the final
+    # renames are atomic); the destination is touched only once the outputs are complete
     report = PackReport(dest=dest_p)
+    for leftover in leftovers:
+        shutil.rmtree(leftover)
+        report.notes.append(f"removed {leftover}, left by an earlier run that was killed")
+    real_dest.parent.mkdir(parents=True, exist_ok=True)
+    work = real_dest.parent / f"{_temp_prefix(real_dest)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        _write_outputs(work, dest_p, parsed, copied, keys, sources, plan, flac, workers, quiet, report)
+        _swap_in(work, real_dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_outputs(work: Path, dest: Path, parsed: list[tuple[Path, list[ManifestRow]]], copied: list[Path],
+                   keys: dict[tuple[str, str, int, int], int], sources: list[Source], plan: list[list[int]],
+                   flac: bool, workers: int, quiet: bool, report: PackReport) -> None:
+    """Write the shards, the manifests (rooted at ``dest``, where they will live) and the side files
+    into ``work``; ``report`` lists them under their final paths in ``dest``."""
+    jobs = [(str(work / SHARD_NAME.format(k)), [sources[i] for i in members], flac) for k, members in enumerate(plan)]
     location: dict[int, tuple[str, int, int]] = {}
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
@@ -292,24 +396,25 @@ def pack_manifests(
     for (path, _, _), members, (ranges, size, n_flac) in zip(jobs, plan, results):
         for i, (offset, length) in zip(members, ranges):
             location[i] = (os.path.basename(path), offset, length)
-        report.outputs.append(Path(path))
+        report.outputs.append(dest / os.path.basename(path))
         report.bytes_written += size
         report.flac_members += n_flac
     report.shards, report.members = len(jobs), len(sources)
 
-    # 4. the manifests (same rows, same order) and the row-aligned side files
+    # the manifests (same rows, same order) and the row-aligned side files
     for manifest, rows in parsed:
         def lines(rows: list[ManifestRow] = rows):
-            yield f"{dest_p}\n"
+            yield f"{dest}\n"
             for row in rows:
                 name, offset, length = location[keys[(row.kind, row.path, row.offset, row.length)]]
                 yield f"{name}:{offset}:{length}\t{row.num_samples}\n"
 
-        report.outputs.append(write_text_atomic(dest_p / manifest.name, lines()))
+        write_text_atomic(work / manifest.name, lines())
+        report.outputs.append(dest / manifest.name)
         report.splits[manifest.stem] = len(rows)
     for side in copied:
-        report.outputs.append(write_text_atomic(dest_p / side.name, side.read_text(encoding="utf-8")))
-    return report
+        write_text_atomic(work / side.name, side.read_text(encoding="utf-8"))
+        report.outputs.append(dest / side.name)
 
 
 def build_parser() -> argparse.ArgumentParser:

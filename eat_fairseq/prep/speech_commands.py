@@ -75,5 +75,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: write_speech_commands_manifests(args.spc_dir, args.dest, workers=args.workers,
-                                                           force=args.force, quiet=args.quiet))
+                                                           force=args.force, quiet=args.quiet), all_or_nothing=True)
 

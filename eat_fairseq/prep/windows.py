@@ -195,4 +195,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = args.window if args.window is not None else frames_to_seconds(args.frames)
     return run_cli(lambda: split_manifests(args.manifest_dir, args.dest, window_seconds=seconds,
                                            min_last_seconds=args.min_last, workers=args.workers,
-                                           force=args.force, quiet=args.quiet))
+                                           force=args.force, quiet=args.quiet), all_or_nothing=True)

@@ -1,5 +1,6 @@
 """Checkpoints appear atomically; a run killed during a save resumes; a damaged checkpoint_last.pt
-falls back to the newest intact checkpoint; a failed write leaves no temporary file behind."""
+falls back to the intact checkpoint with the highest stored update (the rules of that fallback:
+test_resume_fallback.py); a failed write leaves no temporary file behind."""
 from __future__ import annotations
 
 import errno
@@ -216,7 +217,7 @@ def _kill_trials(tmp_path: Path, delays: List[float]) -> None:
                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
-    assert "resuming from the newest intact checkpoint instead" in out and newest.name in out, out[-4000:]
+    assert "resuming from the checkpoint with the highest stored update instead" in out and newest.name in out, out[-4000:]
     assert "temporary file(s) of an interrupted checkpoint save" in out and all(n in out for n in stale)
     first = int(json_logs(out)[0]["num_updates"])
     assert first == fallback_updates + 1, (first, fallback_updates)

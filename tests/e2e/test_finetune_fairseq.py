@@ -99,7 +99,10 @@ def test_dataset_targets_and_balanced_sampling(corpus):
     assert len(order) == 5 and len(set(order.tolist())) == 5
     train.set_epoch(2)
     assert not np.array_equal(order, train.ordered_indices())
-    assert task.state_dict() == {"labels": {"/m/low": 0, "/m/mid": 1, "/m/high": 2}}
+    state = task.state_dict()
+    assert state["labels"] == {"/m/low": 0, "/m/mid": 1, "/m/high": 2}
+    # the training manifest's identity, which a resume compares with the data it is started on
+    assert state["train_data"]["rows"] == 12 and state["train_data"]["manifest"] == str(corpus / "train.tsv")
 
 
 def test_single_label_targets_and_label_errors(tmp_path):

@@ -120,9 +120,11 @@ def _commands() -> list[list[str]]:
 CLI_PARSERS = {
     "eat-extract": "eat_fairseq.cli.extract",
     "eat-tag": "eat_fairseq.cli.tag",
+    "eat-export": "eat_fairseq.cli.export",
     "eat-evaluate": "eat_fairseq.cli.evaluate",
     "eat-plot": "eat_fairseq.cli.plot",
     "eat-convert": "eat_fairseq.cli.convert",
+    "eat-probe": "eat_fairseq.cli.probe",
 }
 
 
@@ -177,13 +179,13 @@ def test_readme_path_runs_as_written(tmp_path: Path) -> None:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, out[-6000:]
-    pre, ft = tmp_path / "checkpoints" / "eat_tiny", tmp_path / "checkpoints" / "finetune_tiny"
+    pre, ft = tmp_path / "checkpoints" / "eat_tiny", tmp_path / "checkpoints" / "finetune_folder_cpu"
     assert (pre / "checkpoint_last.pt").exists() and (ft / "checkpoint_best.pt").exists()
     # fine-tuning started from the pre-trained encoder (it did not try to resume the pre-training run)
     assert "encoder initialised from" in out and "Cannot load model parameters" not in out
     assert list((pre / "tb" / "train_inner").glob("*tfevents*")) and list((ft / "tb" / "valid").glob("*tfevents*"))
     result = json.loads(next(line for line in out.splitlines() if line.startswith('{"split"')))
-    assert result["split"] == "valid" and result["clips"] > 0 and 0.0 <= result["accuracy"] <= 1.0
-    for png in ("eat_tiny_curves.png", "finetune_tiny_curves.png"):
+    assert result["split"] == "valid" and result["clips"] > 0 and result["accuracy"] >= 0.8, result  # issue 23
+    for png in ("eat_tiny_curves.png", "finetune_curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "validation metrics" in out  # eat-plot found the fine-tuning run's accuracy / mAP

@@ -96,12 +96,30 @@ def test_extract_manifest_writes_npz_and_index(env: dict[str, Path], tmp_path: P
         assert data["utterance"].shape == (3, 64)
 
 
+@pytest.mark.parametrize("tool", ["eat-extract", "eat-tag", "eat-export"])
+def test_a_missing_checkpoint_is_a_usage_error(tool: str, env: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """The documented convention: 2 for bad arguments, and a --checkpoint that names no file is one (1 is
+    for a file that exists but cannot be used); the message names the file, no traceback."""
+    from eat_fairseq.cli.export import main as export_main
+
+    missing, audio = str(tmp_path / "nope.pt"), str(env["audio"] / "a.wav")
+    argv = {"eat-extract": (extract_main, ["--checkpoint", missing, audio, "--out", str(tmp_path / "o")]),
+            "eat-tag": (tag_main, ["--checkpoint", missing, audio]),
+            "eat-export": (export_main, [missing, str(tmp_path / "x.onnx")])}
+    main, args = argv[tool]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{missing}: no such file" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.onnx").exists()
+
+
 def test_extract_exit_codes(env: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "emb"
     broken = env["audio"] / "broken.wav"
     assert extract_main(["--checkpoint", str(env["pre"]), str(broken), str(tmp_path / "missing.wav"), "--out", str(out)]) == 1
     assert len((out / "errors.tsv").read_text().splitlines()) == 3
-    assert extract_main(["--checkpoint", str(tmp_path / "nope.pt"), str(env["audio"]), "--out", str(tmp_path / "o2")]) == 1
     a = str(env["audio"] / "a.wav")
     assert extract_main(["--checkpoint", str(env["pre"]), a, a, "--out", str(tmp_path / "o3")]) == 0  # embedded once
     assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["a.npy"]

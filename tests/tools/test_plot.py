@@ -99,3 +99,39 @@ def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     (tmp_path / "empty").mkdir()
     assert plot_main([str(tmp_path / "empty")]) == 1
     assert "no training scalars found" in capsys.readouterr().err
+
+
+# a 6-update pre-training run with the online probe (json lines as fairseq-hydra-train writes them)
+SHORT_RUN = "".join(
+    f'[2026-12-04 10:00:0{n},000][train_inner][INFO] - {{"epoch": 1, "loss": "{80 + n}", "frame_loss": "{6 + n}", '
+    f'"utterance_loss": "5", "utterance_term": "{74}", "num_updates": "{n}", "lr": "{lr}"{probe}}}\n'
+    for n, lr, probe in [
+        (1, "1e-4", ""), (2, "2e-4", ""), (3, "1.5e-4", ', "probe_student_logreg": "0.5"'),
+        (4, "8e-5", ', "probe_student_logreg": "0.5"'), (5, "6e-7", ', "probe_student_logreg": "0.5"'),
+        (6, "5e-5", ', "probe_student_logreg": "0.75"'),
+    ]
+) + '[2026-12-04 10:00:09,000][valid][INFO] - {"epoch": 1, "valid_loss": "81", "valid_num_updates": "6"}\n'
+
+
+def test_curves_a_user_reads_without_explanation(tmp_path: Path) -> None:
+    """Issue 23: loss parts that add up, no phantom lr point at the end, one point per probe."""
+    from eat_fairseq.cli.curves import drawn_series
+
+    run = read_text_log(str(_write(tmp_path / "hydra_train.log", SHORT_RUN)))
+    drawn = drawn_series(run)
+    # lr logged at update N is the one update N + 1 uses; the value logged at the last update (the
+    # cosine restarting, 6e-7 -> 5e-5) trains nothing and is not drawn
+    assert drawn[("train_inner", "lr")] == {2: 1e-4, 3: 2e-4, 4: 1.5e-4, 5: 8e-5, 6: 6e-7}
+    chosen = panels(run)
+    loss_names = [name for _, name in chosen["loss"]]
+    assert "utterance_term" in loss_names and "utterance_loss" not in loss_names
+    for step in range(1, 7):  # the drawn parts add up to the drawn total
+        parts = drawn[("train_inner", "frame_loss")][step] + drawn[("train_inner", "utterance_term")][step]
+        assert parts == pytest.approx(drawn[("train_inner", "loss")][step])
+    # the probe's score repeats on every line until the next probe: drawn once per probe
+    assert chosen["probe accuracy"] == [("train_inner", "probe_student_logreg")]
+    assert drawn[("train_inner", "probe_student_logreg")] == {3: 0.5, 6: 0.75}
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    assert plot_main([str(tmp_path / "hydra_train.log"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC

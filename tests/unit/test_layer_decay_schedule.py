@@ -178,3 +178,25 @@ def test_step_update_reports_the_full_rate_lr_and_plain_cosine_warns(caplog) -> 
     with caplog.at_level(logging.WARNING):
         build_lr_scheduler(cfg, plain_opt).step_update(10)
     assert "eat_cosine" in caplog.text
+
+
+@pytest.mark.parametrize("schedule", ["per_group", "scaled"])
+def test_schedule_reaches_the_optimizer_after_its_state_is_loaded(schedule: str) -> None:
+    """fairseq resumes by ``optimizer.load_state_dict``, which replaces the param-group dicts; every
+    later ``step_update`` must still set the lr the optimizer really uses (issue 20: with kept dicts
+    the groups stayed at the checkpoint's lr for the rest of the run)."""
+    model = _model()
+    opt, sched = _ours(model, schedule)
+    sched.step_update(WARMUP)
+    saved = opt.state_dict()
+    fresh_model = _model()
+    fresh_opt, fresh_sched = _ours(fresh_model, schedule)
+    fresh_sched.step_update(0)  # fairseq builds the scheduler (update 0) before loading the state
+    fresh_opt.load_state_dict(saved)
+    for n in (WARMUP + 1, 20000, LAST):
+        lr = fresh_sched.step_update(n)
+        sched.step_update(n)
+        assert _lr_by_name(fresh_model, fresh_opt.param_groups) == _lr_by_name(model, opt.param_groups), n
+        assert fresh_sched.real_lrs() == [g["lr"] for g in fresh_opt.param_groups]
+        assert max(fresh_sched.real_lrs()) == pytest.approx(lr)
+    assert fresh_sched.state_dict()["group_lrs"] == fresh_sched.real_lrs()

@@ -1,0 +1,302 @@
+"""ONNX export and the onnxruntime backend: eat-export -> load_model / eat-extract / eat-tag / HEAR give
+the .pt's outputs; metadata round trip; int8 and its measured cost; a clear error without onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+import eat_fairseq.inference.hear as hear
+from eat_fairseq.checkpoints.convert import convert_to_released
+from eat_fairseq.checkpoints.load import CheckpointError
+from eat_fairseq.cli.export import main as export_main
+from eat_fairseq.cli.extract import main as extract_main
+from eat_fairseq.cli.tag import main as tag_main
+from eat_fairseq.inference.api import GRANULARITIES, EATModelHandle, ModelLoadError, load_model
+from eat_fairseq.inference.onnx_backend import OnnxMetadata, OnnxModelHandle, OnnxUnavailableError
+from eat_fairseq.inference.onnx_export import ExportReport, export_onnx
+
+from test_api import LABELS, WINDOW, tone, write_classifier, write_pretrained
+
+RTOL = 1e-4  # the promise: fp32 .onnx outputs within 1e-4 (relative to the output scale) of the .pt's
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = float(np.abs(want).max()) or 1.0
+    assert float(np.abs(got - want).max()) <= RTOL * scale
+
+
+def clips() -> list[np.ndarray]:
+    """A short clip, one of exactly one window and one of three windows (the last padded)."""
+    return [tone(0.7, seed=3), tone(WINDOW * 0.01 + 0.015, seed=4), tone(3.1, seed=5)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    out = {"pre.pt": write_pretrained(d / "pre.pt"), "single.pt": write_classifier(d / "single.pt", multi_label=False)}
+    out["reports"] = {}  # type: ignore[assignment]
+    for name, src, kwargs in (
+        ("pre.onnx", "pre.pt", {}),
+        ("pre_int8.onnx", "pre.pt", {"int8": True}),
+        ("pre_layer0.onnx", "pre.pt", {"layer": 0}),
+        ("single.onnx", "single.pt", {}),
+    ):
+        out["reports"][name] = export_onnx(load_model(out[src]), d / name, **kwargs)  # type: ignore[index]
+        out[name] = d / name
+    return out
+
+
+def test_export_writes_one_file_and_reports(files: dict) -> None:
+    report: ExportReport = files["reports"]["pre.onnx"]
+    assert report.path == str(files["pre.onnx"]) and report.size_bytes == files["pre.onnx"].stat().st_size
+    assert not report.int8 and report.layer == 1 and report.depth == 2 and report.check_windows >= 4
+    assert report.fp32_relative < 1e-5
+    assert sorted(p.name for p in files["pre.onnx"].parent.iterdir() if p.name.startswith(".")) == []  # no temp left
+    assert "fp32 graph against PyTorch" in "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_same_embeddings_as_the_checkpoint(files: dict, granularity: str) -> None:
+    pt, ox = load_model(files["pre.pt"]), load_model(files["pre.onnx"])
+    assert isinstance(ox, OnnxModelHandle) and not ox.int8
+    for want, got in zip(pt.extract(clips(), granularity=granularity), ox.extract(clips(), granularity=granularity)):
+        if granularity == "all":
+            assert set(got) == set(want)
+            for key in want:
+                assert_close(got[key], want[key])
+        else:
+            assert_close(got, want)
+
+
+def test_dynamic_batch_and_length(files: dict) -> None:
+    """The graph takes any batch and any whole number of patches, not only the export's shape."""
+    pt, ox = load_model(files["pre.pt"]), load_model(files["pre.onnx"])
+    for batch, frames in ((1, 16), (3, WINDOW), (2, 4 * WINDOW)):
+        fbank = torch.randn(batch, frames, 128)
+        with torch.no_grad():
+            assert_close(ox.encoder.extract_features(fbank).numpy(), pt.encoder.extract_features(fbank).numpy())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ox.encoder.extract_features(torch.randn(1, 20, 128))
+
+
+def test_exported_layer(files: dict) -> None:
+    pt, ox = load_model(files["pre.pt"]), load_model(files["pre_layer0.onnx"])
+    assert ox.exported_layer == 0 and ox.num_layers == 2
+    x = clips()[2]
+    assert_close(ox.extract(x, granularity="frame"), pt.extract(x, granularity="frame", layer=0))
+    assert_close(ox.extract(x, layer=-2), pt.extract(x, layer=0))
+    with pytest.raises(ValueError, match="holds block 0 only.*--layer 1"):
+        ox.extract(x, layer=1)
+    with pytest.raises(ValueError, match="holds block 0 only"):
+        ox.check_layer(-1)
+    hidden = ox.encoder.hidden_states(torch.zeros(1, WINDOW, 128), num_blocks=1)
+    assert len(hidden) == 1 and hidden[0].shape == (1, 1 + WINDOW // 16 * 8, 64)
+    with pytest.raises(ValueError, match="holds block 1 only"):
+        load_model(files["pre.onnx"]).encoder.hidden_states(torch.zeros(1, WINDOW, 128), num_blocks=1)
+    placeholder = load_model(files["pre.onnx"]).encoder.hidden_states(torch.zeros(1, WINDOW, 128))[0]
+    with pytest.raises(ValueError, match="block 0 is not in this .onnx file"):
+        placeholder.float()
+
+
+def test_fine_tuned_tags_equal(files: dict) -> None:
+    pt, ox = load_model(files["single.pt"]), load_model(files["single.onnx"])
+    assert ox.kind == "classifier" and ox.labels == LABELS and ox.multi_label is False
+    for aggregate in ("mean", "max"):
+        for want, got in zip(
+            pt.predict_scores(clips(), aggregate=aggregate), ox.predict_scores(clips(), aggregate=aggregate)
+        ):
+            assert_close(got, want)
+    assert [label for label, _ in ox.predict(clips()[2], top_k=None)] == [
+        label for label, _ in pt.predict(clips()[2], top_k=None)
+    ]
+    assert_close(ox.extract(clips()[0]), pt.extract(clips()[0]))  # a fine-tuned file embeds too
+
+
+def test_released_and_multi_label_checkpoints_export(files: dict, tmp_path: Path) -> None:
+    """Export starts from whatever load_model reads: here the authors' layout of a multi-label model."""
+    multi = write_classifier(tmp_path / "multi.pt", multi_label=True)
+    released, _ = convert_to_released(torch.load(multi, weights_only=True))
+    torch.save(released, tmp_path / "released.pt")
+    export_onnx(load_model(tmp_path / "released.pt"), tmp_path / "released.onnx")
+    pt, ox = load_model(multi), load_model(tmp_path / "released.onnx")
+    assert ox.multi_label is True and ox.labels == LABELS
+    assert_close(ox.predict_scores(clips()[1]), pt.predict_scores(clips()[1]))
+
+
+def test_metadata_round_trip(files: dict, tmp_path: Path) -> None:
+    pt, ox = load_model(files["single.pt"]), load_model(files["single.onnx"])
+    assert ox.feature_cfg == pt.feature_cfg and ox.feature_cfg.target_length == WINDOW
+    assert ox.encoder.cfg == pt.encoder.cfg
+    meta = ox.metadata
+    assert meta.source == "single.pt" and meta.pooling == "cls" and not meta.int8 and meta.layer == 1
+    assert OnnxMetadata.from_props(meta.to_props(), "x") == meta
+    assert all(key.startswith("eat.") for key in meta.to_props())
+    # a different window and normalisation travel too
+    esc = write_classifier(
+        tmp_path / "esc.pt", task_extra={"target_length": 64, "norm_mean": -6.627, "norm_std": 5.359}
+    )
+    export_onnx(load_model(esc), tmp_path / "esc.onnx")
+    again = load_model(tmp_path / "esc.onnx")
+    assert (again.window_frames, again.feature_cfg.norm_mean, again.feature_cfg.norm_std) == (64, -6.627, 5.359)
+    with pytest.raises(ModelLoadError, match="newer eat-export"):
+        OnnxMetadata.from_props({**meta.to_props(), "eat.format": "99"}, "x.onnx")
+    with pytest.raises(ModelLoadError, match="without EAT metadata"):
+        OnnxMetadata.from_props({}, "x.onnx")
+
+
+def test_foreign_and_broken_files(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "foreign.onnx")
+    with pytest.raises(CheckpointError, match="foreign.onnx: an ONNX file without EAT metadata"):
+        load_model(tmp_path / "foreign.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(CheckpointError, match="junk.onnx: onnxruntime cannot load it"):
+        load_model(tmp_path / "junk.onnx")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+
+
+def test_int8_export_and_its_cost(files: dict) -> None:
+    report: ExportReport = files["reports"]["pre_int8.onnx"]
+    cost = report.int8_check
+    assert report.int8 and report.size_bytes < files["reports"]["pre.onnx"].size_bytes
+    for key in ("utterance_cosine_min", "utterance_cosine_mean", "frame_cosine_min", "frame_cosine_mean"):
+        assert 0.99 < cost[key] <= 1.0 + 1e-9, (key, cost)
+    assert "int8 against fp32" in "\n".join(report.lines())
+    q = load_model(files["pre_int8.onnx"])
+    assert q.int8 and q.metadata.int8_check == pytest.approx(cost)
+    fp = load_model(files["pre.onnx"])
+    for a, b in zip(q.extract(clips()), fp.extract(clips())):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_hear_accepts_onnx(files: dict) -> None:
+    audio = torch.from_numpy(np.stack([tone(2.0, seed=i) for i in range(3)]))
+    pt, ox = hear.load_model(str(files["pre.pt"]), device="cpu"), hear.load_model(str(files["pre.onnx"]))
+    assert ox.scene_embedding_size == pt.scene_embedding_size == 64
+    assert_close(hear.get_scene_embeddings(audio, ox).numpy(), hear.get_scene_embeddings(audio, pt).numpy())
+    (emb_o, ts_o), (emb_p, ts_p) = hear.get_timestamp_embeddings(audio, ox), hear.get_timestamp_embeddings(audio, pt)
+    assert_close(emb_o.numpy(), emb_p.numpy())
+    assert torch.equal(ts_o, ts_p)
+    with pytest.raises(ValueError, match="holds block 1 only"):
+        hear.load_model(str(files["pre.onnx"]), layer=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# console scripts
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("audio")
+    for i, seconds in enumerate((0.7, 2.9)):
+        sf.write(folder / f"c{i}.wav", tone(seconds, seed=20 + i), 16000)
+    return folder
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_eat_extract_accepts_onnx(files: dict, audio: Path, tmp_path: Path, granularity: str) -> None:
+    for name in ("pre.pt", "pre.onnx"):
+        argv = [
+            "--checkpoint",
+            str(files[name]),
+            str(audio),
+            "--out",
+            str(tmp_path / name),
+            "--granularity",
+            granularity,
+        ]
+        assert extract_main([*argv, "--no-progress"]) == 0
+    suffix = ".npz" if granularity == "all" else ".npy"
+    for clip in ("c0", "c1"):
+        want, got = tmp_path / "pre.pt" / (clip + suffix), tmp_path / "pre.onnx" / (clip + suffix)
+        if granularity == "all":
+            with np.load(want) as w, np.load(got) as g:
+                for key in w.files:
+                    assert_close(g[key], w[key])
+        else:
+            assert_close(np.load(got), np.load(want))
+
+
+def test_eat_extract_layer_of_onnx_is_a_usage_error(
+    files: dict, audio: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--checkpoint", str(files["pre.onnx"]), str(audio), "--out", str(tmp_path / "x"), "--layer", "0"]
+    assert extract_main(argv) == 2
+    assert "holds block 1 only" in capsys.readouterr().err
+    assert extract_main([*argv[:-2], "--layer", "1"]) == 0
+
+
+def test_eat_tag_accepts_onnx(files: dict, audio: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = {}
+    for name in ("single.pt", "single.onnx"):
+        assert tag_main(["--checkpoint", str(files[name]), "--json", "--top-k", "5", str(audio)]) == 0
+        results[name] = json.loads(capsys.readouterr().out)["results"]
+    assert results["single.pt"].keys() == results["single.onnx"].keys()
+    for path, want in results["single.pt"].items():
+        got = results["single.onnx"][path]
+        assert [e["label"] for e in got] == [e["label"] for e in want]
+        assert np.allclose([e["score"] for e in got], [e["score"] for e in want], rtol=0, atol=RTOL)
+
+
+def test_eat_export_cli(files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.onnx"
+    assert export_main([str(files["single.pt"]), str(out), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 against fp32" in printed and "top-1 class agrees" in printed
+    assert load_model(out).labels == LABELS
+    assert export_main([str(files["single.pt"]), str(out)]) == 2  # exists
+    assert "--force" in capsys.readouterr().err
+    assert export_main([str(files["single.pt"]), str(out), "--force", "--layer", "5"]) == 2
+    assert "--layer" in capsys.readouterr().err
+    assert export_main([str(files["pre.onnx"]), str(tmp_path / "again.onnx")]) == 2
+    with pytest.raises(SystemExit):
+        export_main([str(files["single.pt"]), str(tmp_path / "m.bin")])
+
+
+# ------------------------------------------------------------------------------------------------
+# without onnxruntime
+
+
+@pytest.fixture
+def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if onnxruntime (and onnx) were not installed: importing them raises ImportError."""
+    for name in [m for m in sys.modules if m.split(".")[0] in ("onnxruntime", "onnx")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+
+
+def test_missing_onnxruntime_is_one_clear_line(
+    files: dict, audio: Path, tmp_path: Path, no_onnxruntime: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(
+        OnnxUnavailableError, match=r"needs onnxruntime, which is not installed: pip install 'eat_fairseq\[onnx\]'"
+    ):
+        load_model(files["pre.onnx"])
+    assert extract_main(["--checkpoint", str(files["pre.onnx"]), str(audio), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'eat_fairseq[onnx]'" in err[0] and "Traceback" not in err[0]
+    assert export_main([str(files["pre.pt"]), str(tmp_path / "x.onnx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the onnx package" in err[0]
+    assert isinstance(load_model(files["pre.pt"]), EATModelHandle)  # checkpoints need neither
