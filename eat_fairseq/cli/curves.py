@@ -252,7 +252,7 @@ def panel_of(name: str) -> Optional[str]:
     if name.startswith("probe_"):
         accuracy = "acc" in name or name.endswith(PROBE_ACCURACY_SUFFIXES)
         return "probe accuracy" if accuracy else "probe diagnostics"
-    if "loss" in name or name == "utterance_term":
+    if "loss" in name or name in ("utterance_term", "frame_term"):
         return "loss"
     if name in LR_NAMES:
         return "learning rate"
@@ -279,7 +279,8 @@ def drawn_series(run: RunScalars) -> Series:
       moves one update on, and the value logged at the last update (which no update trains with; the
       cosine schedule restarts its period there) is dropped;
     - loss: when the weighted ``utterance_term`` is logged, it replaces the unweighted
-      ``utterance_loss``, so the drawn parts add up to ``loss`` (= frame_loss + utterance_term);
+      ``utterance_loss``, and a logged ``frame_term`` (``model.frame_loss_weight`` other than 1)
+      replaces ``frame_loss``, so the drawn parts add up to ``loss``;
     - online probe scores: they are logged again on every line until the next probe, so only the
       update at which each new value appears is kept (one point per probe).
     """
@@ -289,6 +290,8 @@ def drawn_series(run: RunScalars) -> Series:
         if name in LR_NAMES:
             points = {step + 1: value for step, value in points.items() if step + 1 <= end}
         elif name == "utterance_loss" and (tag, "utterance_term") in run.series:
+            continue
+        elif name == "frame_loss" and (tag, "frame_term") in run.series:
             continue
         elif name.startswith("probe_"):
             kept, previous = {}, None
@@ -365,7 +368,8 @@ def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
             if min(drawn) > 0 and max(drawn) / min(drawn) > 10:
                 ax.set_yscale("log")  # loss terms of very different sizes (the release's summed utterance term)
             if any(name == "utterance_term" for _, name in keys):
-                ax.text(0.01, 0.02, "loss = frame_loss + utterance_term", transform=ax.transAxes, fontsize=7)
+                frame = "frame_term" if any(name == "frame_term" for _, name in keys) else "frame_loss"
+                ax.text(0.01, 0.02, f"loss = {frame} + utterance_term", transform=ax.transAxes, fontsize=7)
         if panel == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
             ax.set_ylabel("lr used by the update", fontsize=7)

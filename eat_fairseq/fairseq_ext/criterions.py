@@ -35,8 +35,8 @@ class EATUFOCriterionConfig(FairseqDataclass):
 class EATUFOCriterion(FairseqCriterion):
     """Utterance-frame objective: frame loss on masked patches + lambda * utterance (CLS) loss.
 
-    The weight and reduction come from the model config (``utterance_loss_weight``,
-    ``utterance_reduction``); see :func:`eat_fairseq.model.objective.ufo_loss`.
+    The weights and reduction come from the model config (``utterance_loss_weight``,
+    ``frame_loss_weight``, ``utterance_reduction``); see :func:`eat_fairseq.model.objective.ufo_loss`.
     """
 
     def __init__(self, cfg: EATUFOCriterionConfig, task: FairseqTask) -> None:
@@ -49,17 +49,21 @@ class EATUFOCriterion(FairseqCriterion):
         net_input = sample["net_input"]
         out = model(source=net_input["source"], mask=net_input.get("mask"))
         weight = core.cfg.utterance_loss_weight
+        frame_weight = float(core.cfg.frame_loss_weight)
         reduction = str(core.cfg.utterance_reduction)
-        loss, sample_size = ufo_loss(out["frame_err"], out["utterance_err"], utterance_weight=weight, reduction=reduction)
+        loss, sample_size = ufo_loss(out["frame_err"], out["utterance_err"], utterance_weight=weight,
+                                     reduction=reduction, frame_weight=frame_weight)
         frame_sum = out["frame_err"].detach().float().sum().item()
+        frame_term = frame_weight * frame_sum
         utt = out["utterance_err"].detach().float()
         n_rows = utt.numel()
         logging_output = {
             "loss": loss.detach().float().item(),
             "frame_loss": frame_sum,
             "utterance_loss": utt.sum().item(),
-            # the weighted utterance contribution, in the units of loss (loss = frame_loss + utterance_term)
-            "utterance_term": loss.detach().float().item() - frame_sum,
+            # the weighted utterance contribution, in the units of loss (loss = frame_term + utterance_term;
+            # frame_term = frame_loss unless frame_loss_weight is set)
+            "utterance_term": loss.detach().float().item() - frame_term,
             "pos_share": _as_float(out.get("pos_share", 0.0)),
             "student_spread": _as_float(out.get("student_spread", 0.0)),
             "cls_spread": _as_float(out.get("cls_spread", 0.0)),
@@ -74,11 +78,14 @@ class EATUFOCriterion(FairseqCriterion):
             "ema_decay": float(core.ema_decay_at(getattr(core, "num_updates", 0) + 1)),
             "skipped": int(sample.get("skipped", 0)),
         }
+        if frame_weight != 1.0:
+            # only then does the weighted frame part differ from frame_loss: the default logs stay as they were
+            logging_output["frame_term"] = frame_term
         interval = int(getattr(getattr(self.task, "cfg", None), "diagnostics_interval_updates", 0) or 0)
         if (model.training and torch.is_grad_enabled() and interval > 0 and core.num_updates % interval == 0
                 and not self.gradient_norms_failed):
             try:
-                self.last_gradient_norms = self.gradient_norms(core, out, weight, reduction)
+                self.last_gradient_norms = self.gradient_norms(core, out, weight, reduction, frame_weight)
             except RuntimeError as exc:  # a diagnostic must never stop a run (e.g. an exotic wrapper)
                 self.gradient_norms_failed = True
                 logger.warning("gradient-share diagnostic disabled: %s", exc)
@@ -88,14 +95,15 @@ class EATUFOCriterion(FairseqCriterion):
         return loss, sample_size, logging_output
 
     @staticmethod
-    def gradient_norms(core: torch.nn.Module, out: Dict[str, Any], weight: float, reduction: str) -> Dict[str, float]:
+    def gradient_norms(core: torch.nn.Module, out: Dict[str, Any], weight: float, reduction: str,
+                       frame_weight: float = 1.0) -> Dict[str, float]:
         """Norm of the gradient each weighted loss term sends to the student encoder (this rank's batch).
 
         Two extra backward passes through the retained graph; ``torch.autograd.grad`` returns the
         gradients without touching ``.grad``, so training is unchanged.
         """
         params = [p for p in core.encoder.parameters() if p.requires_grad]
-        frame_term = out["frame_err"].float().mean()
+        frame_term = frame_weight * out["frame_err"].float().mean()
         utt = out["utterance_err"].float()
         utt_term = weight * (utt.sum() if reduction == "release" else utt.mean())
 
@@ -103,7 +111,9 @@ class EATUFOCriterion(FairseqCriterion):
             if not term.requires_grad:
                 return 0.0
             grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            return float(torch.sqrt(sum(g.float().pow(2).sum() for g in grads if g is not None)).item())
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            # a term that reaches no encoder parameter has norm 0 (sum([]) is int 0, which torch.sqrt refuses)
+            return float(torch.sqrt(sum(squares)).item()) if squares else 0.0
 
         return {"grad_frame": norm(frame_term), "grad_utterance": norm(utt_term)}
 
@@ -122,6 +132,8 @@ class EATUFOCriterion(FairseqCriterion):
             metrics.log_scalar("utterance_loss", total("utterance_loss") / nrows, nrows, round=4)
         if sample_size > 0:
             metrics.log_scalar("utterance_term", total("utterance_term") / sample_size, sample_size, round=4)
+            if any("frame_term" in log for log in logging_outputs):
+                metrics.log_scalar("frame_term", total("frame_term") / sample_size, sample_size, round=4)
         if nbatches > 0:
             for key in ("target_var", "pred_var", "masked_pct", "pos_share", "student_spread", "cls_spread"):
                 metrics.log_scalar(key, total(key) / nbatches, nbatches, round=4)

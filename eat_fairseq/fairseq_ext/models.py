@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 from eat_fairseq.checkpoints.convert import load_ours
 from eat_fairseq.model.classifier import EATClassifier, parameter_lr_scale
 from eat_fairseq.model.encoder import EncoderConfig
-from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
+from eat_fairseq.model.masking import MASK_TYPES
+from eat_fairseq.model.pretraining import DECODER_TYPES, EATPretrainingModel, PretrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,21 @@ class EATModelConfig(EATEncoderFields):
     mask_prob: float = field(default=_PRETRAIN.mask_prob, metadata={"help": "fraction of patches masked"})
     mask_prob_adjust: float = field(default=_PRETRAIN.mask_prob_adjust, metadata={"help": "extra block centres in inverse masking"})
     mask_length: int = field(default=_PRETRAIN.mask_length, metadata={"help": "block side of the inverse block mask"})
+    mask_type: ChoiceEnum(list(MASK_TYPES)) = field(  # type: ignore[valid-type]
+        default=_PRETRAIN.mask_type,
+        metadata={
+            "help": "inverse_block: the release's union of visible blocks; random (ablation): the same number "
+            "of visible patches per row, chosen uniformly (mask_length and mask_prob_adjust unused)"
+        },
+    )
     # decoder
+    decoder_type: ChoiceEnum(list(DECODER_TYPES)) = field(  # type: ignore[valid-type]
+        default=_PRETRAIN.decoder_type,
+        metadata={
+            "help": "cnn: the release's 2-D CNN decoder; linear / mlp (ablations): one Linear, or "
+            "Linear-GELU-Linear of width decoder_dim, per patch, without neighbourhood context"
+        },
+    )
     decoder_dim: int = field(default=_PRETRAIN.decoder_dim, metadata={"help": "channels of the CNN decoder"})
     decoder_depth: int = field(default=_PRETRAIN.decoder_depth, metadata={"help": "conv blocks of the decoder"})
     decoder_kernel_size: int = field(default=_PRETRAIN.decoder_kernel_size, metadata={"help": "decoder conv kernel size"})
@@ -114,6 +129,11 @@ class EATModelConfig(EATEncoderFields):
     )
     # objective
     utterance_loss_weight: float = field(default=_PRETRAIN.utterance_loss_weight, metadata={"help": "lambda of the utterance loss"})
+    frame_loss_weight: float = field(
+        default=_PRETRAIN.frame_loss_weight,
+        metadata={"help": "weight of the frame loss (1 as the release; 0: utterance loss only; 0 with "
+                  "utterance_loss_weight 0 is refused)"},
+    )
     utterance_reduction: ChoiceEnum(["release", "mean"]) = field(  # type: ignore[valid-type]
         default=_PRETRAIN.utterance_reduction,
         metadata={
@@ -145,6 +165,7 @@ class EATModel(EATPretrainingModel, BaseFairseqModel):
 
     @classmethod
     def build_model(cls, cfg: EATModelConfig, task: Optional[FairseqTask] = None) -> "EATModel":
+        _check_task_masks(cfg, task)
         return cls(cfg)
 
     def forward(self, source: torch.Tensor, mask: Optional[torch.Tensor] = None, **unused: Any) -> Dict[str, Any]:
@@ -155,6 +176,25 @@ class EATModel(EATPretrainingModel, BaseFairseqModel):
 
     def get_num_updates(self) -> int:
         return self.num_updates
+
+
+def _check_task_masks(cfg: Any, task: Optional[FairseqTask]) -> None:
+    """Refuse a ``mask_type`` the task's data-loader masks would not follow.
+
+    With ``task.precompute_mask`` the dataset draws the masks from the TASK's mask settings, and the
+    model trains on whatever it is given; a task config without ``mask_type`` would silently draw
+    inverse block masks for a ``random`` run. Such a run must draw its masks in the model instead.
+    """
+    wanted = str(cfg_get(cfg, "mask_type", _PRETRAIN.mask_type))
+    task_cfg = getattr(task, "cfg", None)
+    if wanted == _PRETRAIN.mask_type or task_cfg is None or not cfg_get(task_cfg, "precompute_mask", False):
+        return
+    drawn = cfg_get(task_cfg, "mask_type", _PRETRAIN.mask_type)
+    if str(drawn) != wanted:
+        raise ValueError(
+            f"model.mask_type={wanted} but the task's data loader draws mask_type={drawn} masks: "
+            "set task.precompute_mask=false so that the model draws its own masks"
+        )
 
 
 @dataclass

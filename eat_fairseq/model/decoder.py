@@ -4,6 +4,13 @@ The student encodes only the visible patches; the decoder puts them back on the 
 grid, fills the holes with small fresh Gaussian noise (no learned mask token, no positions: the
 convolutions see where a patch is from its neighbours), and predicts the teacher's target for every
 patch. Convolutions are much cheaper than transformer decoder blocks, which is part of EAT's speed.
+
+``LinearDecoder`` and ``MLPDecoder`` (ablations, ``decoder_type="linear"`` / ``"mlp"``; not in the
+release) take the same inputs and fill the holes the same way (:func:`fill_masked`), but predict each
+patch from its own token only. A masked patch's prediction then depends on its noise token alone,
+never on the visible tokens, so the frame loss sends NO gradient to the encoder with these decoders:
+they measure what the CNN's neighbourhood context is worth (with them, the encoder learns from the
+utterance loss only).
 """
 from __future__ import annotations
 
@@ -11,7 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DecoderBlock", "CNNDecoder"]
+__all__ = ["DecoderBlock", "CNNDecoder", "LinearDecoder", "MLPDecoder", "fill_masked"]
+
+
+def fill_masked(visible: Tensor, mask: Tensor, noise_std: float) -> Tensor:
+    """Put the visible tokens back on the patch sequence and fill the masked positions with noise.
+
+    ``visible (B, V, D)`` (no CLS, in the order of the unmasked positions of ``mask (B, P)``) ->
+    ``(B, P, D)``. Masked positions get fresh ``N(0, noise_std^2)`` noise drawn from the global RNG
+    (one ``randn`` of ``(B, P, D)``, as the release): every decoder shares this so that the decoders
+    differ only in how they predict, and the default's random stream stays the release's.
+    """
+    b, p = mask.shape
+    d = visible.shape[-1]
+    noise = torch.randn(b, p, d, device=visible.device, dtype=visible.dtype) * noise_std
+    return noise.masked_scatter(~mask.unsqueeze(-1), visible)  # (B, P, D)
+
+
+def _check_grid(mask: Tensor, grid: tuple[int, int]) -> None:
+    """Refuse a grid whose H*W is not the mask's P (a caller bug), for every decoder alike."""
+    h, w = grid
+    if h * w != mask.shape[1]:
+        raise ValueError(f"grid {grid} has {h * w} patches but the mask has {mask.shape[1]}")
 
 
 class DecoderBlock(nn.Module):
@@ -57,17 +85,52 @@ class CNNDecoder(nn.Module):
         self.proj = nn.Linear(decoder_dim if depth else embed_dim, embed_dim)
 
     def forward(self, visible: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
-        b, p = mask.shape
-        h, w = grid
-        if h * w != p:
-            raise ValueError(f"grid {grid} has {h * w} patches but the mask has {p}")
-        d = visible.shape[-1]
-        # Masked positions get fresh N(0, noise_std^2) noise; visible tokens go back in place.
-        noise = torch.randn(b, p, d, device=visible.device, dtype=visible.dtype) * self.noise_std
-        x = noise.masked_scatter(~mask.unsqueeze(-1), visible)  # (B, P, D)
+        _check_grid(mask, grid)
+        b, (h, w), d = mask.shape[0], grid, visible.shape[-1]
+        x = fill_masked(visible, mask, self.noise_std)  # (B, P, D)
         x = x.transpose(1, 2).reshape(b, d, h, w)  # (B, D, H, W), time-major rows
         for block in self.blocks:
             y = block(x)
             x = y + x if y.shape == x.shape else y
         x = x.flatten(2).transpose(1, 2)  # (B, P, decoder_dim)
         return self.proj(x)  # (B, P, D)
+
+
+class LinearDecoder(nn.Module):
+    """Ablation: one Linear ``embed_dim -> embed_dim`` applied to each patch independently.
+
+    ``forward(visible (B, V, D), mask (B, P), grid (H, W)) -> (B, P, D)``, the signature of
+    :class:`CNNDecoder`; ``grid`` is only checked against ``mask``. PyTorch's default Linear init, as
+    the CNN decoder's projection.
+    """
+
+    def __init__(self, embed_dim: int, noise_std: float = 0.01) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.noise_std = noise_std
+        self.proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, visible: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        _check_grid(mask, grid)
+        return self.proj(fill_masked(visible, mask, self.noise_std))  # (B, P, D)
+
+
+class MLPDecoder(nn.Module):
+    """Ablation: Linear ``embed_dim -> decoder_dim`` -> GELU -> Linear ``decoder_dim -> embed_dim``, per patch.
+
+    Same signature as :class:`CNNDecoder`; ``decoder_dim`` is the hidden width (as it is the CNN's
+    channel count), so the two ablations and the CNN share one width setting.
+    """
+
+    def __init__(self, embed_dim: int, decoder_dim: int = 768, noise_std: float = 0.01) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.decoder_dim = decoder_dim
+        self.noise_std = noise_std
+        self.fc1 = nn.Linear(embed_dim, decoder_dim)
+        self.fc2 = nn.Linear(decoder_dim, embed_dim)
+
+    def forward(self, visible: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        _check_grid(mask, grid)
+        x = fill_masked(visible, mask, self.noise_std)  # (B, P, D)
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, P, D)

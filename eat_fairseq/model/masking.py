@@ -8,6 +8,9 @@ Every row gets exactly the same number of visible patches, so the visible tokens
 into a dense ``(B, V, D)`` tensor. All functions here are pure: the only source of randomness is the
 optional ``torch.Generator``, so the same seed always yields the same masks.
 
+``random_mask`` (an ablation, ``mask_type="random"``; not in the release) keeps the same number of
+visible patches per row but picks them independently and uniformly, without the block structure.
+
 Patches are indexed in TIME-MAJOR order: index = t * W + f for a grid of H time rows and W frequency
 columns.
 """
@@ -18,13 +21,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["MASK_PROB", "MASK_LENGTH", "MASK_PROB_ADJUST", "MaskSpec", "num_visible", "num_block_centres",
-           "block_marks", "inverse_block_mask"]
+__all__ = ["MASK_PROB", "MASK_LENGTH", "MASK_PROB_ADJUST", "MASK_TYPES", "MaskSpec", "num_visible",
+           "num_block_centres", "block_marks", "inverse_block_mask", "random_mask", "check_mask_type"]
 
 # EAT-base's masking (docs/reference.md section 3): the one source of these defaults
 MASK_PROB = 0.8
 MASK_LENGTH = 5
 MASK_PROB_ADJUST = 0.07
+
+# how the visible patches are chosen: the release's inverse blocks, or uniformly at random (ablation)
+MASK_TYPES = ("inverse_block", "random")
+
+
+def check_mask_type(mask_type: str) -> str:
+    """``mask_type`` as a plain string if it is one of :data:`MASK_TYPES`, else a one-line ValueError."""
+    if str(mask_type) not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+    return str(mask_type)
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,8 @@ class MaskSpec:
 
     Built from the model's config (:meth:`eat_fairseq.model.pretraining.PretrainConfig.mask_spec`), so
     the masks drawn in data-loader workers and those the model draws itself cannot disagree, and the
-    patch grid always uses the encoder's patch size.
+    patch grid always uses the encoder's patch size. ``mask_type="random"`` ignores ``mask_length``
+    and ``mask_prob_adjust`` (they only shape the blocks).
     """
 
     clone_batch: int
@@ -41,6 +55,11 @@ class MaskSpec:
     mask_length: int
     mask_prob_adjust: float
     patch_size: int
+    mask_type: str = "inverse_block"
+
+    def __post_init__(self) -> None:
+        # checked here too because data-loader workers build masks from a spec without the model
+        object.__setattr__(self, "mask_type", check_mask_type(self.mask_type))
 
     def grid(self, num_frames: int, num_mel_bins: int) -> tuple[int, int]:
         """The ``(H, W)`` patch grid of a ``(num_frames, num_mel_bins)`` fbank."""
@@ -48,7 +67,9 @@ class MaskSpec:
 
     def draw(self, rows: int, grid: tuple[int, int], generator: torch.Generator | None = None,
              device: torch.device | str | None = None) -> Tensor:
-        """``(rows, H*W)`` inverse block masks (True = masked) with these settings."""
+        """``(rows, H*W)`` masks (True = masked) with these settings: inverse block or random."""
+        if self.mask_type == "random":
+            return random_mask(rows, grid, mask_prob=self.mask_prob, generator=generator, device=device)
         return inverse_block_mask(rows, grid, mask_prob=self.mask_prob, mask_length=self.mask_length,
                                   mask_prob_adjust=self.mask_prob_adjust, generator=generator, device=device)
 
@@ -153,4 +174,30 @@ def inverse_block_mask(
     ) + marks.double()  # (B, P); float64 keeps ties among marked keys negligible
     keep = keys.topk(n_visible, dim=1, sorted=False).indices  # (B, V)
     visible = torch.zeros_like(marks).scatter_(1, keep, True)
+    return ~visible
+
+
+def random_mask(
+    batch_size: int,
+    grid: tuple[int, int],
+    mask_prob: float = MASK_PROB,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Random patch mask ``(B, H*W)`` bool, True = masked: the ablation of the block structure.
+
+    Each row keeps exactly ``V = num_visible(P, mask_prob)`` visible patches, as
+    :func:`inverse_block_mask` does, so the only difference between the two is WHICH patches stay
+    visible (scattered here, contiguous blocks there) and the dense ``(B, V, D)`` gather still works.
+    The V patches are a uniformly random subset per row (top-V of uniform keys); the only source of
+    randomness is ``generator``, so a seed gives the same masks.
+    """
+    h, w = _check_grid(grid)
+    num_patches = h * w
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    n_visible = num_visible(num_patches, mask_prob)
+    keys = torch.rand(batch_size, num_patches, generator=generator, device=device, dtype=torch.float64)  # (B, P)
+    keep = keys.topk(n_visible, dim=1, sorted=False).indices  # (B, V)
+    visible = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=keys.device).scatter_(1, keep, True)
     return ~visible

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["teacher_targets", "frame_errors", "ufo_loss", "UTTERANCE_REDUCTIONS", "TARGET_POSITIONS"]
+__all__ = ["teacher_targets", "frame_errors", "ufo_loss", "check_loss_weights", "UTTERANCE_REDUCTIONS",
+           "TARGET_POSITIONS"]
 
 UTTERANCE_REDUCTIONS = ("release", "mean")
 
@@ -56,11 +57,21 @@ def frame_errors(pred: Tensor, target: Tensor) -> Tensor:
     return diff.pow(2).sum(-1) / math.sqrt(pred.shape[-1])
 
 
+def check_loss_weights(frame_weight: float, utterance_weight: float) -> None:
+    """Refuse both UFO weights 0: the loss would be a constant and nothing would train."""
+    if frame_weight == 0 and utterance_weight == 0:
+        raise ValueError(
+            f"frame_loss_weight={frame_weight} and utterance_loss_weight={utterance_weight}: at least one "
+            "loss term must have a nonzero weight"
+        )
+
+
 def ufo_loss(
     frame_err: Tensor,
     utterance_err: Tensor,
     utterance_weight: float = 1.0,
     reduction: str = "release",
+    frame_weight: float = 1.0,
 ) -> tuple[Tensor, int]:
     """Combine the frame and utterance errors into ``(loss_sum, sample_size)``.
 
@@ -77,13 +88,19 @@ def ufo_loss(
       ``loss_sum = frame_err.sum() + w * M * utterance_err.mean()``, i.e. per device
       ``mean(frame_err) + w * mean(utterance_err)``.
 
-    ``w`` is ``utterance_weight`` (lambda in the paper).
+    ``w`` is ``utterance_weight`` (lambda in the paper). ``frame_weight`` (an ablation, 1 in the
+    release) multiplies ``frame_err.sum()``; ``sample_size`` stays M so the two weights scale their
+    terms independently. A weight of 0 multiplies its term by 0 rather than leaving it out, so the
+    term's path still reaches the loss (DDP needs every parameter used) but sends exactly zero
+    gradient; multiplying by 1.0 is exact, so the default computes the release's loss bit for bit.
+    Both weights 0 is a ValueError.
     """
     if reduction not in UTTERANCE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {UTTERANCE_REDUCTIONS}, got {reduction!r}")
+    check_loss_weights(frame_weight, utterance_weight)
     sample_size = frame_err.numel()
     frame_err = frame_err.float()
     utterance_err = utterance_err.float()
     utt = utterance_err.sum() if reduction == "release" else utterance_err.mean()
-    loss = frame_err.sum() + utterance_weight * sample_size * utt
+    loss = frame_weight * frame_err.sum() + utterance_weight * sample_size * utt
     return loss, sample_size

@@ -7,8 +7,8 @@ One forward computes everything the Utterance-Frame Objective needs:
    top-K FFN outputs become targets ``(B, P, D)``;
 2. the student embeds the clip once, repeats it ``clone_batch`` times (multi-mask), keeps each copy's
    visible patches and encodes them with CLS;
-3. the CNN decoder predicts every patch; the frame error is taken on masked patches only, the
-   utterance error between the student CLS and the patch-mean of the targets.
+3. the decoder (the release's CNN; ``decoder_type`` picks a per-patch ablation) predicts every
+   patch; the frame error is taken on masked patches only, the utterance error between the student CLS and the patch-mean of the targets.
 
 The loss reduction itself lives in :func:`eat_fairseq.model.objective.ufo_loss` so that a trainer can
 divide by ``sample_size`` like fairseq does.
@@ -22,11 +22,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from eat_fairseq.model.decoder import CNNDecoder
+from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder
 from eat_fairseq.model.ema import ema_decay_at, ema_update_
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.model.masking import MASK_LENGTH, MASK_PROB, MASK_PROB_ADJUST, MaskSpec
-from eat_fairseq.model.objective import frame_errors, teacher_targets
+from eat_fairseq.model.masking import MASK_LENGTH, MASK_PROB, MASK_PROB_ADJUST, MaskSpec, check_mask_type
+from eat_fairseq.model.objective import check_loss_weights, frame_errors, teacher_targets
 
 __all__ = [
     "PretrainConfig",
@@ -35,20 +35,39 @@ __all__ = [
     "positional_share",
     "feature_spread",
     "TEACHER_PRECISIONS",
+    "DECODER_TYPES",
+    "build_decoder",
+    "check_decoder_type",
 ]
 
 TEACHER_PRECISIONS = ("release", "fp32")
 
+# the release's CNN decoder, and two per-patch ablations without neighbourhood context
+DECODER_TYPES = ("cnn", "linear", "mlp")
+
+
+def check_decoder_type(decoder_type: str) -> str:
+    """``decoder_type`` as a plain string if it is one of :data:`DECODER_TYPES`, else a one-line ValueError."""
+    if str(decoder_type) not in DECODER_TYPES:
+        raise ValueError(f"decoder_type must be one of {DECODER_TYPES}, got {decoder_type!r}")
+    return str(decoder_type)
+
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines EAT pre-training except the optimiser. Defaults are EAT-base."""
+    """Everything that defines EAT pre-training except the optimiser. Defaults are EAT-base.
+
+    ``frame_loss_weight``, ``mask_type`` and ``decoder_type`` are ablations (docs/differences.md);
+    their defaults (1.0, ``"inverse_block"``, ``"cnn"``) are the release's and compute it bit for bit.
+    """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     clone_batch: int = 16
     mask_prob: float = MASK_PROB
     mask_prob_adjust: float = MASK_PROB_ADJUST
     mask_length: int = MASK_LENGTH
+    mask_type: str = "inverse_block"
+    decoder_type: str = "cnn"
     decoder_dim: int = 768
     decoder_depth: int = 6
     decoder_kernel_size: int = 3
@@ -59,6 +78,7 @@ class PretrainConfig:
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100000
     utterance_loss_weight: float = 1.0
+    frame_loss_weight: float = 1.0
     utterance_reduction: str = "release"
     target_position: str = "keep"
     teacher_precision: str = "release"
@@ -66,7 +86,8 @@ class PretrainConfig:
     def mask_spec(self) -> MaskSpec:
         """The masking of this model (the one spec for data-loader workers and the model itself)."""
         return MaskSpec(clone_batch=self.clone_batch, mask_prob=self.mask_prob, mask_length=self.mask_length,
-                        mask_prob_adjust=self.mask_prob_adjust, patch_size=self.encoder.patch_size)
+                        mask_prob_adjust=self.mask_prob_adjust, patch_size=self.encoder.patch_size,
+                        mask_type=self.mask_type)
 
     @classmethod
     def base(cls, **overrides: Any) -> "PretrainConfig":
@@ -138,6 +159,28 @@ def feature_spread(x: Tensor) -> Tensor:
     return x.std(dim=0, unbiased=False).mean() / x.pow(2).mean().sqrt().clamp(min=1e-12)
 
 
+def build_decoder(cfg: PretrainConfig) -> nn.Module:
+    """The decoder ``cfg.decoder_type`` names, all with the signature ``(visible, mask, grid) -> (B, P, D)``.
+
+    ``"cnn"`` builds exactly the release's CNNDecoder (same parameters, names and init draws), so the
+    default model's parameters and random stream are unchanged. ``"linear"`` / ``"mlp"`` ignore the
+    depth, kernel and groups settings; ``"mlp"`` uses ``decoder_dim`` as its hidden width.
+    """
+    kind = check_decoder_type(cfg.decoder_type)
+    if kind == "linear":
+        return LinearDecoder(cfg.encoder.embed_dim, noise_std=cfg.mask_noise_std)
+    if kind == "mlp":
+        return MLPDecoder(cfg.encoder.embed_dim, decoder_dim=cfg.decoder_dim, noise_std=cfg.mask_noise_std)
+    return CNNDecoder(
+        cfg.encoder.embed_dim,
+        decoder_dim=cfg.decoder_dim,
+        depth=cfg.decoder_depth,
+        kernel_size=cfg.decoder_kernel_size,
+        groups=cfg.decoder_groups,
+        noise_std=cfg.mask_noise_std,
+    )
+
+
 def _mean_std(x: Tensor) -> Tensor:
     """Mean over channels of the std across rows: a collapse detector (near 0 = collapsed)."""
     x = x.detach().float().reshape(-1, x.shape[-1])
@@ -159,19 +202,16 @@ class EATPretrainingModel(nn.Module):
         self.cfg = cfg
         if str(cfg.teacher_precision) not in TEACHER_PRECISIONS:
             raise ValueError(f"teacher_precision must be one of {TEACHER_PRECISIONS}, got {cfg.teacher_precision!r}")
+        # every choice is checked before any parameter exists, so a bad config fails at once
+        check_mask_type(cfg.mask_type)
+        check_decoder_type(cfg.decoder_type)
+        check_loss_weights(cfg.frame_loss_weight, cfg.utterance_loss_weight)
         if not 1 <= cfg.average_top_k_layers <= cfg.encoder.depth:
             raise ValueError(
                 f"average_top_k_layers={cfg.average_top_k_layers} must be in 1..depth={cfg.encoder.depth}"
             )
         self.encoder = EATEncoder(cfg.encoder)
-        self.decoder = CNNDecoder(
-            cfg.encoder.embed_dim,
-            decoder_dim=cfg.decoder_dim,
-            depth=cfg.decoder_depth,
-            kernel_size=cfg.decoder_kernel_size,
-            groups=cfg.decoder_groups,
-            noise_std=cfg.mask_noise_std,
-        )
+        self.decoder = build_decoder(cfg)
         self.teacher = copy.deepcopy(self.encoder)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -244,7 +284,7 @@ class EATPretrainingModel(nn.Module):
         return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
-        """Inverse block masks ``(batch_size, P)`` with this model's settings (global RNG)."""
+        """Masks ``(batch_size, P)`` with this model's settings and ``mask_type`` (global RNG)."""
         return self.cfg.mask_spec().draw(batch_size, grid, device=device)
 
     def forward(self, fbank: Tensor, mask: Tensor | None = None) -> dict[str, Any]:

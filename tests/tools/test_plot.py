@@ -135,3 +135,14 @@ def test_curves_a_user_reads_without_explanation(tmp_path: Path) -> None:
     out = tmp_path / "curves.png"
     assert plot_main([str(tmp_path / "hydra_train.log"), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_weighted_frame_term_replaces_frame_loss_in_the_loss_panel(tmp_path: Path) -> None:
+    """With model.frame_loss_weight != 1 the criterion logs frame_term; the drawn parts still add up."""
+    from eat_fairseq.cli.curves import drawn_series
+
+    text = SHORT_RUN.replace('"utterance_term"', '"frame_term": "3", "utterance_term"')
+    run = read_text_log(str(_write(tmp_path / "hydra_train.log", text)))
+    names = [name for _, name in panels(run)["loss"]]
+    assert "frame_term" in names and "frame_loss" not in names and "utterance_term" in names
+    assert ("train_inner", "frame_loss") not in drawn_series(run)
