@@ -182,8 +182,8 @@ def _check_task_masks(cfg: Any, task: Optional[FairseqTask]) -> None:
     """Refuse a ``mask_type`` the task's data-loader masks would not follow.
 
     With ``task.precompute_mask`` the dataset draws the masks from the TASK's mask settings, and the
-    model trains on whatever it is given; a task config without ``mask_type`` would silently draw
-    inverse block masks for a ``random`` run. Such a run must draw its masks in the model instead.
+    model trains on whatever it is given. The shipped task follows ``model.mask_type``; a task config
+    that sets its own ``mask_type`` otherwise would silently draw other masks, so that is refused.
     """
     wanted = str(cfg_get(cfg, "mask_type", _PRETRAIN.mask_type))
     task_cfg = getattr(task, "cfg", None)

@@ -32,6 +32,7 @@ from fairseq.logging import meters
 from fairseq.models import BaseFairseqModel
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from eat_fairseq.checkpoints.convert import load_ours
 from eat_fairseq.data.features import FeatureConfig
@@ -285,6 +286,7 @@ class EATPretrainingTaskConfig(FairseqDataclass):
     mask_prob: float = II("model.mask_prob")
     mask_length: int = II("model.mask_length")
     mask_prob_adjust: float = II("model.mask_prob_adjust")
+    mask_type: str = II("model.mask_type")
     patch_size: int = II("model.patch_size")
     seed: int = II("common.seed")
 
@@ -444,6 +446,15 @@ class EATPretrainingTask(EATAudioTask):
             self._probe_barrier(f"the probe at update {num_updates}")
         return res
 
+    def _mask_type(self) -> str:
+        """The model's ``mask_type`` (an interpolation of ``model.mask_type``), so that the data loader's
+        masks follow the model; a task config rebuilt from a checkpoint of an earlier version has no
+        ``model`` section to resolve it from, and those runs all used the release's inverse block masks."""
+        try:
+            return str(self.cfg.mask_type)
+        except (InterpolationResolutionError, ConfigAttributeError, ConfigKeyError):
+            return "inverse_block"
+
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs: Any) -> None:
         check_data_folder(self.cfg.data)
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
@@ -457,6 +468,7 @@ class EATPretrainingTask(EATAudioTask):
                 mask_length=self.cfg.mask_length,
                 mask_prob_adjust=self.cfg.mask_prob_adjust,
                 patch_size=self.cfg.patch_size,
+                mask_type=self._mask_type(),
             )
         self.datasets[split] = EATAudioDataset(
             manifest,

@@ -7,6 +7,7 @@ gradient, random masks keep the inverse block mask's visible count, the per-patc
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -355,3 +356,21 @@ def test_fairseq_model_refuses_a_mask_type_the_data_loader_would_not_draw() -> N
     agreeing = SimpleNamespace(cfg=SimpleNamespace(precompute_mask=True, mask_type="random"))
     assert _fairseq_model(agreeing, mask_type="random").cfg.mask_type == "random"
     assert _fairseq_model(precomputed).cfg.mask_type == "inverse_block"  # the default needs nothing
+
+
+def test_the_data_loader_draws_the_models_mask_type(tmp_path: Path) -> None:
+    """task.mask_type follows model.mask_type, so a random-masking run's precomputed masks are random."""
+    pytest.importorskip("fairseq")
+    from helpers import REPO, compose_recipe, make_audio_corpus
+
+    import eat_fairseq.fairseq_ext  # noqa: F401  (registers the eat_* components)
+    from fairseq import tasks as fairseq_tasks
+
+    data = make_audio_corpus(tmp_path, num_clips=4)
+    for wanted in ("inverse_block", "random"):
+        extra = [] if wanted == "inverse_block" else [f"model.mask_type={wanted}"]
+        cfg = compose_recipe(REPO / "examples" / "pretraining", "eat_tiny", [f"task.data={data}", *extra])
+        assert cfg.task.mask_type == wanted and cfg.task.precompute_mask
+        task = fairseq_tasks.setup_task(cfg.task)
+        task.load_dataset("train")
+        assert task.datasets["train"].mask.mask_type == wanted
