@@ -302,7 +302,9 @@ def check_same_run(path: str, trainer: Any) -> None:
         return
     lines = config_differences(saved.cfg, run_cfg, absent_ok=True) if saved.cfg is not None else []
     data_saved = (saved.task_state or {}).get(DATA_STATE_KEY)
-    data_now = run_data_identity(run_cfg)
+    # the task computes the identity once and stores it in every checkpoint: reuse it, not a second pass
+    identity_of_task = getattr(getattr(trainer, "task", None), "train_data_identity", None)
+    data_now = identity_of_task() if callable(identity_of_task) else run_data_identity(run_cfg)
     if isinstance(data_saved, dict) and data_now is not None:
         # the rows decide, not the folder's name: data moved elsewhere (manifests rewritten) is the same data
         lines = [line for line in lines if not line.startswith("task.data:")]
