@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--natural-length", action="store_true",
                    help="pad each clip only to the next whole patch (cropped to the target length) instead of "
                         "to the full window, so short clips are not mostly padding")
+    p.add_argument("--whole-clips", action="store_true",
+                   help="probe every clip whole: padded to a whole patch only, up to the longest input the encoder "
+                        "takes (max_length time patches: 12,288 frames, about 123 s, for EAT-base) instead of "
+                        "the training window; the log-mel rows use the same frames (implies --natural-length)")
     p.add_argument("--max-per-split", type=int, default=None, help="use at most N evenly spaced clips per split")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -114,8 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from eat_fairseq.data.features import FeatureConfig
     from eat_fairseq.data.labels import LabelError
     from eat_fairseq.data.manifest import ManifestError
-    from eat_fairseq.evaluation.probe import (POOLINGS, SplitSpec, chance_level, format_table, load_probe_data,
-                                        parse_splits, probe_encoder, probe_logmel)
+    from eat_fairseq.evaluation.probe import (POOLINGS, SplitSpec, chance_level, cropped_clips, format_table,
+                                              load_probe_data, parse_splits, probe_encoder, probe_logmel)
 
     if not os.path.isdir(args.data):
         raise ProbeCLIError(f"--data {args.data}: not a folder")
@@ -155,6 +159,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     feat = feat or FeatureConfig()
     overrides = {k: v for k, v in (("target_length", args.target_length), ("norm_mean", args.norm_mean),
                                    ("norm_std", args.norm_std)) if v is not None}
+    if args.whole_clips:
+        if args.target_length is not None:
+            raise ProbeCLIError("--whole-clips and --target-length exclude each other")
+        overrides["target_length"] = min(enc.cfg.patch_size * enc.cfg.max_length for _, enc in encoders) if encoders \
+            else 16 * 768
+        args.natural_length = True
     if overrides:
         feat = FeatureConfig(**{**feat.__dict__, **overrides})
 
@@ -167,6 +177,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ProbeCLIError(f"cannot read the probe data: {exc}") from None
     logger.info("%d clips, %d classes, splits %s (%.1f s)", len(data), data.num_classes, data.split_names,
                 time.perf_counter() - start)
+    cropped = cropped_clips(data, feat.target_length or 1024)
+    if cropped:
+        logger.warning("%d of %d clips are longer than the input of %d frames and are cropped to their start%s",
+                       cropped, len(data), feat.target_length or 1024,
+                       "" if args.whole_clips else " (--whole-clips probes them whole)")
 
     rows = [] if args.no_logmel else probe_logmel(data, feat)
     for name, enc in encoders:
@@ -181,11 +196,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           + (f"leave-one-out over {len(data.split_names)} splits" if data.spec.folds else
              f"train {data.split_names[0]} / test {data.split_names[1]}")
           + f"; majority-class accuracy {100 * chance:.1f}%; input {feat.target_length} frames"
-          + (" (each clip padded to a whole patch only)" if args.natural_length else "")
+          + (" at most (each clip whole)" if args.whole_clips else "")
+          + (" (each clip padded to a whole patch only)" if args.natural_length and not args.whole_clips else "")
           + (", padding pooled" if args.pool_padding else ", real frames pooled"))
     settings = {"data": os.path.abspath(args.data), "splits": data.split_names, "folds": bool(data.spec.folds),
                 "feature_config": dict(feat.__dict__), "pool_padding": args.pool_padding,
-                "natural_length": args.natural_length,
+                "natural_length": args.natural_length, "whole_clips": args.whole_clips,
                 "checkpoints": [os.path.abspath(c) for c in args.checkpoints], "seed": args.seed}
     result = {"settings": settings, "chance": chance, "rows": [r.as_dict() for r in rows]}
     if args.json:

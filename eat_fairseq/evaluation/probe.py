@@ -69,6 +69,7 @@ __all__ = [
     "load_probe_data",
     "encoder_features",
     "logmel_features",
+    "cropped_clips",
     "fit_logistic",
     "logreg_accuracy",
     "knn_accuracy",
@@ -377,6 +378,11 @@ def encoder_features(
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return {k: torch.cat(v)[inverse] for k, v in out.items()}
+
+
+def cropped_clips(data: ProbeData, target_length: int) -> int:
+    """How many clips are longer than ``target_length`` frames (the probe sees only their start)."""
+    return sum(int(fb.shape[0] > target_length) for fb in data.fbank)
 
 
 def logmel_features(data: ProbeData, feat: FeatureConfig, target_length: Optional[int] = None) -> dict[str, Tensor]:

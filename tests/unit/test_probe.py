@@ -180,3 +180,41 @@ def test_online_probe_only_observes(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), states[2])
     assert student.training and not teacher.training
     assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+def test_whole_clips_probes_past_the_window(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Clips longer than the input are reported as cropped; --whole-clips feeds each clip whole (up to
+    the encoder's max_length patches), so its features equal the encoder run on the full clip."""
+    from eat_fairseq.cli.probe import main
+
+    folder = write_tone_folder(tmp_path / "tones", splits=2, per_class=3)
+    common = ["--data", str(folder), "--arch", "tiny", "--random-init", "--layers", "last", "--pooling", "mean"]
+    with caplog.at_level("WARNING", logger="eat_fairseq.probe"):
+        assert main(common + ["--target-length", "32", "--json", str(tmp_path / "crop.json")]) == 0
+    assert "12 of 12 clips are longer than the input of 32 frames" in caplog.text and "--whole-clips" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eat_fairseq.probe"):
+        assert main(common + ["--whole-clips", "--json", str(tmp_path / "whole.json")]) == 0
+    assert "cropped" not in caplog.text
+    settings = json.loads((tmp_path / "whole.json").read_text())["settings"]
+    assert settings["whole_clips"] and settings["natural_length"]
+    assert settings["feature_config"]["target_length"] == 16 * EncoderConfig.tiny().max_length
+    assert main(common + ["--whole-clips", "--target-length", "64"]) == 2
+
+    data = load_probe_data(str(folder), "auto")
+    enc = EATEncoder(EncoderConfig.tiny()).eval()
+    feat = FeatureConfig(target_length=16 * 768)
+    whole = encoder_features(enc, data, feat, layers=[-1], poolings=["mean"], natural_length=True)[(1, "mean")]
+    cropped = encoder_features(enc, data, FeatureConfig(target_length=32), layers=[-1], poolings=["mean"],
+                               natural_length=True)[(1, "mean")]
+    fb = data.fbank[0]
+    frames = -(-fb.shape[0] // 16) * 16
+    assert frames > 32
+    from eat_fairseq.data.features import pad_or_crop, to_window
+    import dataclasses
+    x = to_window(pad_or_crop(fb, frames)[None], dataclasses.replace(feat, target_length=frames))
+    with torch.no_grad():
+        h = enc.extract_features(x)
+    expect = h[:, 1:].reshape(1, -1, 8, 64)[:, : -(-fb.shape[0] // 16)].mean((1, 2))
+    assert torch.allclose(whole[0], expect[0], atol=1e-5)
+    assert not torch.allclose(whole[0], cropped[0], atol=1e-3)
