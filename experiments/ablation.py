@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "utterance_only": (("model.frame_loss_weight=0.0",), False),
     "random_mask": (("model.mask_type=random",), False),
     "linear_decoder": (("model.decoder_type=linear",), True),
+    "transformer_decoder": (("model.decoder_type=transformer",), True),
     "clone1": (("model.clone_batch=1",), True),
     "clone16": (("model.clone_batch=16",), True),
 }

@@ -107,11 +107,12 @@ class EATModelConfig(EATEncoderFields):
         default=_PRETRAIN.decoder_type,
         metadata={
             "help": "cnn: the release's 2-D CNN decoder; linear / mlp (ablations): one Linear, or "
-            "Linear-GELU-Linear of width decoder_dim, per patch, without neighbourhood context"
+            "Linear-GELU-Linear of width decoder_dim, per patch, without neighbourhood context; transformer "
+            "(ablation): decoder_depth pre-LN transformer blocks of width decoder_dim over every patch"
         },
     )
-    decoder_dim: int = field(default=_PRETRAIN.decoder_dim, metadata={"help": "channels of the CNN decoder"})
-    decoder_depth: int = field(default=_PRETRAIN.decoder_depth, metadata={"help": "conv blocks of the decoder"})
+    decoder_dim: int = field(default=_PRETRAIN.decoder_dim, metadata={"help": "channels of the CNN decoder (width of the mlp / transformer ones)"})
+    decoder_depth: int = field(default=_PRETRAIN.decoder_depth, metadata={"help": "conv blocks of the decoder (transformer blocks of the transformer one)"})
     decoder_kernel_size: int = field(default=_PRETRAIN.decoder_kernel_size, metadata={"help": "decoder conv kernel size"})
     decoder_groups: int = field(default=_PRETRAIN.decoder_groups, metadata={"help": "decoder conv groups"})
     mask_noise_std: float = field(default=_PRETRAIN.mask_noise_std, metadata={"help": "std of the noise filling masked positions"})

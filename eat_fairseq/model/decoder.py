@@ -11,6 +11,13 @@ patch from its own token only. A masked patch's prediction then depends on its n
 never on the visible tokens, so the frame loss sends NO gradient to the encoder with these decoders:
 they measure what the CNN's neighbourhood context is worth (with them, the encoder learns from the
 utterance loss only).
+
+``TransformerDecoder`` (ablation, ``decoder_type="transformer"``; not in the release) is the MAE /
+data2vec alternative to the CNN: the same filled sequence, projected to ``decoder_dim``, plus fixed
+2-D sin-cos positions (attention, unlike convolution, cannot tell where a patch is), through
+``decoder_depth`` pre-LN transformer blocks attending over every patch, then a Linear back to
+``embed_dim``. It sees the whole grid instead of a 3 x 3 neighbourhood per layer, at the cost of
+attention over all P patches.
 """
 from __future__ import annotations
 
@@ -18,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DecoderBlock", "CNNDecoder", "LinearDecoder", "MLPDecoder", "fill_masked"]
+from eat_fairseq.model.encoder import Attention, Mlp, init_linear_and_norm_, sincos_pos_embed_2d
+
+__all__ = ["DecoderBlock", "CNNDecoder", "LinearDecoder", "MLPDecoder", "TransformerDecoder", "fill_masked"]
 
 
 def fill_masked(visible: Tensor, mask: Tensor, noise_std: float) -> Tensor:
@@ -134,3 +143,49 @@ class MLPDecoder(nn.Module):
         _check_grid(mask, grid)
         x = fill_masked(visible, mask, self.noise_std)  # (B, P, D)
         return self.fc2(F.gelu(self.fc1(x)))  # (B, P, D)
+
+
+class PreNormBlock(nn.Module):
+    """Pre-LN transformer block ``x + attn(norm(x))``, ``x + mlp(norm(x))`` (the MAE decoder's block)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))  # (B, P, C)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerDecoder(nn.Module):
+    """Ablation: ``decoder_depth`` pre-LN transformer blocks of width ``decoder_dim`` over every patch.
+
+    Same signature as :class:`CNNDecoder`. Heads of 64 channels (at least one); ``depth`` 0 leaves the
+    two projections (a per-patch decoder with positions). Positions are the
+    fixed 2-D sin-cos table of the grid ``(H, W)``, computed per call, so any grid works.
+    """
+
+    def __init__(self, embed_dim: int, decoder_dim: int = 768, depth: int = 2, noise_std: float = 0.01,
+                 head_dim: int = 64) -> None:
+        super().__init__()
+        if decoder_dim % max(decoder_dim // head_dim, 1):
+            raise ValueError(f"decoder_dim {decoder_dim} is not a multiple of its {decoder_dim // head_dim} heads")
+        self.embed_dim = embed_dim
+        self.decoder_dim = decoder_dim
+        self.noise_std = noise_std
+        self.embed = nn.Linear(embed_dim, decoder_dim)
+        self.blocks = nn.ModuleList(PreNormBlock(decoder_dim, max(decoder_dim // head_dim, 1)) for _ in range(depth))
+        self.blocks.apply(init_linear_and_norm_)  # as the encoder's blocks; embed and proj keep PyTorch's init
+        self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.proj = nn.Linear(decoder_dim, embed_dim)
+
+    def forward(self, visible: Tensor, mask: Tensor, grid: tuple[int, int]) -> Tensor:
+        _check_grid(mask, grid)
+        x = self.embed(fill_masked(visible, mask, self.noise_std))  # (B, P, C)
+        x = x + sincos_pos_embed_2d(self.decoder_dim, *grid).to(device=x.device, dtype=x.dtype)[None]
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x))  # (B, P, D)

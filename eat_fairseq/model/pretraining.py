@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder
+from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder, TransformerDecoder
 from eat_fairseq.model.ema import ema_decay_at, ema_update_
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
 from eat_fairseq.model.masking import MASK_LENGTH, MASK_PROB, MASK_PROB_ADJUST, MaskSpec, check_mask_type
@@ -43,7 +43,7 @@ __all__ = [
 TEACHER_PRECISIONS = ("release", "fp32")
 
 # the release's CNN decoder, and two per-patch ablations without neighbourhood context
-DECODER_TYPES = ("cnn", "linear", "mlp")
+DECODER_TYPES = ("cnn", "linear", "mlp", "transformer")
 
 
 def check_decoder_type(decoder_type: str) -> str:
@@ -164,13 +164,17 @@ def build_decoder(cfg: PretrainConfig) -> nn.Module:
 
     ``"cnn"`` builds exactly the release's CNNDecoder (same parameters, names and init draws), so the
     default model's parameters and random stream are unchanged. ``"linear"`` / ``"mlp"`` ignore the
-    depth, kernel and groups settings; ``"mlp"`` uses ``decoder_dim`` as its hidden width.
+    depth, kernel and groups settings; ``"mlp"`` uses ``decoder_dim`` as its hidden width;
+    ``"transformer"`` uses ``decoder_dim`` and ``decoder_depth`` (blocks), not the kernel and groups.
     """
     kind = check_decoder_type(cfg.decoder_type)
     if kind == "linear":
         return LinearDecoder(cfg.encoder.embed_dim, noise_std=cfg.mask_noise_std)
     if kind == "mlp":
         return MLPDecoder(cfg.encoder.embed_dim, decoder_dim=cfg.decoder_dim, noise_std=cfg.mask_noise_std)
+    if kind == "transformer":
+        return TransformerDecoder(cfg.encoder.embed_dim, decoder_dim=cfg.decoder_dim, depth=cfg.decoder_depth,
+                                  noise_std=cfg.mask_noise_std)
     return CNNDecoder(
         cfg.encoder.embed_dim,
         decoder_dim=cfg.decoder_dim,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder
+from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder, TransformerDecoder
 from eat_fairseq.model.encoder import EATEncoder
 from eat_fairseq.model.masking import MASK_TYPES, MaskSpec, inverse_block_mask, num_visible, random_mask
 from eat_fairseq.model.objective import ufo_loss
@@ -291,6 +291,28 @@ def test_per_patch_decoders_put_visible_tokens_back_and_noise_in_the_holes() -> 
     assert torch.count_nonzero(visible.grad) == 0
 
 
+def test_transformer_decoder_predicts_from_the_visible_tokens_and_trains_the_encoder() -> None:
+    """Unlike the per-patch decoders, a masked patch's prediction depends on the visible tokens (through
+    attention), so the frame loss reaches the encoder; positions make equal inputs at different places
+    predict differently; any grid works."""
+    model = _model(decoder_type="transformer", decoder_dim=128, decoder_depth=2)
+    assert type(model.decoder) is TransformerDecoder
+    assert len(model.decoder.blocks) == 2 and model.decoder.blocks[0].attn.num_heads == 2
+    mask = inverse_block_mask(4, GRID, generator=torch.Generator().manual_seed(1))
+    visible = torch.randn(4, num_visible(64, 0.8), 64, requires_grad=True)
+    pred = model.decoder(visible, mask, GRID)
+    assert pred.shape == (4, 64, 64)
+    pred[mask].sum().backward()
+    assert torch.count_nonzero(visible.grad) > 0
+    torch.manual_seed(0)
+    same = model.decoder(torch.zeros(1, 0, 64), torch.ones(1, 16, dtype=torch.bool), (2, 8))
+    assert same.shape == (1, 16, 64) and not torch.allclose(same[0, 0], same[0, 9], atol=1e-3)
+    frame_only = _step(_model(decoder_type="transformer", decoder_dim=128, utterance_loss_weight=0.0))
+    assert torch.count_nonzero(frame_only["grads"]["encoder.blocks.0.attn.qkv.weight"]) > 0
+    with pytest.raises(ValueError, match="grid"):
+        model.decoder(visible, mask, (4, 8))
+
+
 def test_cnn_decoder_state_dict_keys_are_unchanged() -> None:
     names = list(CNNDecoder(16, decoder_dim=16, depth=2, groups=4).state_dict())
     assert names == ["blocks.0.conv.weight", "blocks.0.conv.bias", "blocks.1.conv.weight", "blocks.1.conv.bias",
@@ -304,7 +326,7 @@ def test_cnn_decoder_state_dict_keys_are_unchanged() -> None:
     "overrides, named",
     [
         ({"mask_type": "blocks"}, "'blocks'"),
-        ({"decoder_type": "transformer"}, "'transformer'"),
+        ({"decoder_type": "conformer"}, "'conformer'"),
         ({"frame_loss_weight": 0.0, "utterance_loss_weight": 0.0}, "frame_loss_weight=0.0"),
     ],
 )

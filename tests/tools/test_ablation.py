@@ -1,0 +1,68 @@
+"""experiments/ablation.py: the seconds-per-update reading of fairseq's log, and the table over finished
+runs (best and last block, differences to random init, log-mel and the base variant, paired by seed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import ablation  # noqa: E402
+
+SPLITS = ["a", "b", "c"]
+
+
+def _row(model: str, layer, pooling: str, folds: list[float]) -> dict:
+    return {"model": model, "layer": layer, "pooling": pooling, "logreg": sum(folds) / len(folds),
+            "logreg_std": 0.1, "knn": 0.3, "logreg_folds": folds}
+
+
+def _probe(best: list[float], last: list[float], seed: int) -> dict:
+    """Block 0 is the student's best (``best``), block 1 its last; random init 0.4 and log-mel 0.5 on
+    every split."""
+    return {"settings": {"splits": SPLITS, "seed": seed}, "rows": [
+        _row("ck.pt:student", 0, "freq", best), _row("ck.pt:student", 1, "freq", last),
+        _row(f"random-init(seed {seed})", 0, "freq", [0.4] * 3),
+        _row("logmel", None, "logmel-meanstd", [0.5] * 3),
+    ]}
+
+
+def _write_run(out: Path, variant: str, seed: int, probe: dict) -> None:
+    folder = out / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "probe_set1.json").write_text(json.dumps(probe))
+    (folder / "run.json").write_text(json.dumps({
+        "variant": variant, "seed": seed, "equal": "updates", "probes": {"set1": {"json": "probe_set1.json"}}}))
+
+
+def test_seconds_per_update_from_fairseq_log_lines() -> None:
+    lines = ["epoch 001:     20 / 887 loss=2.1, num_updates=20, lr=1e-4, gnorm=1.2, train_wall=5, wall=10",
+             "epoch 001:     40 / 887 loss=2.0, num_updates=40, lr=2e-4, gnorm=1.1, train_wall=5, wall=16",
+             "epoch 001:     60 / 887 loss=1.9, num_updates=60, lr=3e-4, gnorm=1.0, train_wall=5, wall=22"]
+    assert ablation._log_rate(lines, fallback=999.0) == pytest.approx(0.3)
+    assert ablation._log_rate(lines[:1], fallback=60.0) == pytest.approx(1.0)  # too few points: whole run / 60
+
+
+def test_table_pairs_variants_with_base_by_seed(tmp_path: Path) -> None:
+    _write_run(tmp_path, "base", 1, _probe([0.6, 0.6, 0.6], [0.5, 0.5, 0.5], 1))
+    _write_run(tmp_path, "base", 2, _probe([0.7, 0.7, 0.7], [0.6, 0.6, 0.6], 2))
+    _write_run(tmp_path, "frame_only", 1, _probe([0.7, 0.8, 0.6], [0.6, 0.6, 0.6], 1))
+    _write_run(tmp_path, "frame_only", 2, _probe([0.8, 0.9, 0.7], [0.7, 0.7, 0.7], 2))
+    text, numbers = ablation.tabulate(str(tmp_path))
+    base = next(line for line in text.splitlines() if line.startswith("| base |"))
+    # best 65.0, last 55.0, random 40.0, log-mel 50.0; +25.0 over random init, +15.0 over log-mel
+    assert "| 65.0 | 55.0 | 40.0 | 50.0 | +25.0 (0.0; 3 of 3) | +15.0 (0.0; 3 of 3) | - |" in base
+    frame = next(line for line in text.splitlines() if line.startswith("| frame_only |"))
+    # per split, paired by seed: (0.1 + 0.1) / 2, (0.2 + 0.2) / 2, 0 -> mean +10.0, SE 5.8, 2 splits ahead
+    assert frame.endswith("| +10.0 (5.8; 2 of 3) |")
+    assert numbers["set1"]["frame_only"]["freq"]["seeds"] == [1, 2]
+
+
+def test_unknown_variant_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown variants"):
+        ablation.main(["run", "--pool", str(tmp_path), "--out", str(tmp_path / "o"), "--set", f"a={tmp_path}",
+                       "--variants", "base,bigger_decoder"])
