@@ -10,7 +10,8 @@ held-out labelled sets, and tabulate them against the base recipe, random init a
     python experiments/ablation.py table runs/ablation [--markdown FILE]
 
 ``run`` pre-trains every (variant, seed) with ``experiments/learning.py``'s pre-training step
-(``fairseq-hydra-train`` on the recipe plus the variant's overrides, ``common.seed`` = seed), one
+(``fairseq-hydra-train`` on the recipe plus the variant's overrides, ``common.seed`` = seed, warm-up
+10% of the run's updates as in the recipe, the EMA annealed over the run), one
 thread per job and ``--jobs`` jobs at a time, then runs ``eat-probe`` on the final checkpoint for each
 set: the student, every block, poolings ``freq``, ``freqstd`` and ``mean``, each clip whole
 (``--whole-clips``), leave-one-split-out, beside the same architecture at random initialisation (the
@@ -115,7 +116,9 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         extra = [f"model.ema_anneal_end_step={max_update}"] if max_update else []
         ns = SimpleNamespace(recipe=args.recipe, pool=args.pool, seed=seed, resume=os.path.exists(
             os.path.join(run_dir, "pretrain", "checkpoint_last.pt")), probe_every=0, probe_data=None,
-            max_update=max_update, budget_minutes=None, set=[*overrides, *extra])
+            max_update=max_update, budget_minutes=None, set=[*args.override, *overrides, *extra])
+        if max_update and args.warmup_fraction:
+            ns.set.append(f"lr_scheduler.warmup_updates={int(round(args.warmup_fraction * max_update))}")
         _, seconds = pretrain(ns, run_dir, env)
         record = {"variant": variant, "seed": seed, "overrides": list(ns.set), "max_update": max_update,
                   "equal": "wall time" if rate else "updates", "seconds_per_update": rate,
@@ -270,6 +273,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--max-update", type=int, default=None, help="updates per run (default: the recipe's)")
     r.add_argument("--minutes-per-run", type=float, default=None,
                    help="equal wall time for the variants that change the cost of an update")
+    r.add_argument("--warmup-fraction", type=float, default=0.1,
+                   help="warm-up updates as a fraction of each run's max_update (the recipe's 10%%; 0: the recipe's)")
+    r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="hydra override for every run (before the variant's own)")
     r.add_argument("--threads", type=int, default=1, help="threads per job")
     r.add_argument("--jobs", type=int, default=1, help="runs at a time")
     r.add_argument("--max-per-split", type=int, default=None, help="probe at most N clips per split (quick checks)")
