@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "frame_only": (("model.utterance_loss_weight=0.0",), False),
     "utterance_only": (("model.frame_loss_weight=0.0",), False),
     "random_mask": (("model.mask_type=random",), False),
+    "layer_targets": (("model.target_norm=layer",), False),
     "linear_decoder": (("model.decoder_type=linear",), True),
     "transformer_decoder": (("model.decoder_type=transformer",), True),
     "clone1": (("model.clone_batch=1",), True),

@@ -21,6 +21,7 @@ from eat_fairseq.checkpoints.convert import load_ours
 from eat_fairseq.model.classifier import EATClassifier, parameter_lr_scale
 from eat_fairseq.model.encoder import EncoderConfig
 from eat_fairseq.model.masking import MASK_TYPES
+from eat_fairseq.model.objective import TARGET_NORMS
 from eat_fairseq.model.pretraining import DECODER_TYPES, EATPretrainingModel, PretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,14 @@ class EATModelConfig(EATEncoderFields):
         metadata={
             "help": "keep: targets as the release; center: subtract the batch mean at each patch position "
             "from the teacher targets (before their LayerNorm), removing what position alone predicts"
+        },
+    )
+    target_norm: ChoiceEnum(list(TARGET_NORMS)) = field(  # type: ignore[valid-type]
+        default=_PRETRAIN.target_norm,
+        metadata={
+            "help": "instance: each target block normalised per channel over a clip's patches, as the "
+            "release (what is constant over a clip leaves the targets); layer (ablation): per patch over "
+            "the channels, which keeps it"
         },
     )
 

@@ -26,7 +26,7 @@ from eat_fairseq.model.decoder import CNNDecoder, LinearDecoder, MLPDecoder, Tra
 from eat_fairseq.model.ema import ema_decay_at, ema_update_
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
 from eat_fairseq.model.masking import MASK_LENGTH, MASK_PROB, MASK_PROB_ADJUST, MaskSpec, check_mask_type
-from eat_fairseq.model.objective import check_loss_weights, frame_errors, teacher_targets
+from eat_fairseq.model.objective import TARGET_NORMS, check_loss_weights, frame_errors, teacher_targets
 
 __all__ = [
     "PretrainConfig",
@@ -81,6 +81,7 @@ class PretrainConfig:
     frame_loss_weight: float = 1.0
     utterance_reduction: str = "release"
     target_position: str = "keep"
+    target_norm: str = "instance"
     teacher_precision: str = "release"
 
     def mask_spec(self) -> MaskSpec:
@@ -210,6 +211,8 @@ class EATPretrainingModel(nn.Module):
         check_mask_type(cfg.mask_type)
         check_decoder_type(cfg.decoder_type)
         check_loss_weights(cfg.frame_loss_weight, cfg.utterance_loss_weight)
+        if str(cfg.target_norm) not in TARGET_NORMS:
+            raise ValueError(f"target_norm must be one of {TARGET_NORMS}, got {cfg.target_norm!r}")
         if not 1 <= cfg.average_top_k_layers <= cfg.encoder.depth:
             raise ValueError(
                 f"average_top_k_layers={cfg.average_top_k_layers} must be in 1..depth={cfg.encoder.depth}"
@@ -278,14 +281,16 @@ class EATPretrainingModel(nn.Module):
         if str(self.cfg.teacher_precision) == "fp32":
             with torch.autocast(device_type=fbank.device.type, enabled=False):
                 _, ffn_outputs = self.teacher(fbank.float())
-                return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
+                return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position,
+                               self.cfg.target_norm)
         if dtype == torch.float32:
             _, ffn_outputs = self.teacher(fbank.float())  # an active autocast applies, as in the release
         else:
             # the release's teacher is an fp16/bf16 module restored from its fp32 EMA copy each step
             state = {k: v.to(dtype) for k, v in self.teacher.state_dict(keep_vars=True).items()}
             _, ffn_outputs = torch.func.functional_call(self.teacher, state, (fbank.to(dtype),))
-        return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position)
+        return teacher_targets(ffn_outputs, self.cfg.average_top_k_layers, self.cfg.target_position,
+                               self.cfg.target_norm)
 
     def make_mask(self, batch_size: int, grid: tuple[int, int], device: torch.device) -> Tensor:
         """Masks ``(batch_size, P)`` with this model's settings and ``mask_type`` (global RNG)."""

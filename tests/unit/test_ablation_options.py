@@ -396,3 +396,36 @@ def test_the_data_loader_draws_the_models_mask_type(tmp_path: Path) -> None:
         task = fairseq_tasks.setup_task(cfg.task)
         task.load_dataset("train")
         assert task.datasets["train"].mask.mask_type == wanted
+
+
+# -- (f) target normalisation ---------------------------------------------------------------------
+
+
+def test_layer_target_norm_keeps_what_is_constant_over_a_clip() -> None:
+    """The release's instance norm takes each clip's per-channel constant out of every target, so the
+    utterance targets (patch means) of clips that differ only by a constant are equal; the per-patch
+    layer norm keeps the difference. The default stays the instance norm."""
+    from eat_fairseq.model.objective import teacher_targets
+
+    torch.manual_seed(0)
+    shared = torch.randn(1, 17, 32)  # CLS + 16 patches
+    clips = [shared + torch.randn(1, 1, 32) * 3 for _ in range(3)]  # + a different constant per clip
+    ffn = [torch.cat(clips)] * 2
+    release = teacher_targets(ffn, top_k=2)
+    assert torch.equal(release, teacher_targets(ffn, top_k=2, norm="instance"))
+    assert torch.allclose(release[0].mean(0), release[1].mean(0), atol=1e-5)
+    layer = teacher_targets(ffn, top_k=2, norm="layer")
+    assert layer.shape == release.shape == (3, 16, 32)
+    assert (layer[0].mean(0) - layer[1].mean(0)).abs().max() > 0.1
+    assert torch.allclose(layer.mean(-1), torch.zeros(3, 16), atol=1e-5)  # still LayerNormed per patch
+    with pytest.raises(ValueError, match="'batch'"):
+        teacher_targets(ffn, top_k=2, norm="batch")
+
+
+def test_target_norm_reaches_the_model_and_is_checked() -> None:
+    assert PretrainConfig().target_norm == "instance"
+    release, layer = _step(_model()), _step(_model(target_norm="layer"))
+    assert not torch.equal(release["loss"], layer["loss"])
+    with pytest.raises(ValueError, match="target_norm.*'group'"):
+        EATPretrainingModel(PretrainConfig.tiny(target_norm="group"))
+    assert _fairseq_model(target_norm="layer").cfg.target_norm == "layer"
