@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8", action="store_true", help="int8 weights (onnxruntime dynamic quantisation); prints the accuracy cost"
     )
     parser.add_argument(
+        "--fp32-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --int8: keep the weights of the last N exported blocks in fp32 (closer to fp32, a little slower)",
+    )
+    parser.add_argument(
         "--layer",
         type=int,
         default=None,
@@ -113,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         handle.check_layer(args.layer)
     except ValueError as exc:
         return fail(prog, f"--layer: {exc}", 2)
+    if args.fp32_blocks and not args.int8:
+        return fail(prog, "--fp32-blocks goes with --int8", 2)
     check = None
     if args.check_audio:
         try:
@@ -121,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return fail(prog, f"--check-audio: {one_line(exc)}", 2)
     print(f"{prog}: exporting {handle!r}", file=sys.stderr)
     try:
-        report = export_onnx(handle, args.out, layer=args.layer, int8=args.int8, check=check)
+        report = export_onnx(handle, args.out, layer=args.layer, int8=args.int8, check=check,
+                             fp32_blocks=args.fp32_blocks)
     except (RuntimeError, ValueError, OSError) as exc:
         return fail(prog, f"export failed: {one_line(exc)}", 1)
     for line in report.lines():

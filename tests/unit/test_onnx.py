@@ -189,6 +189,26 @@ def test_int8_export_and_its_cost(files: dict) -> None:
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
 
 
+def test_int8_keeps_the_last_blocks_fp32_when_asked(files: dict, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--fp32-blocks N: the weight products of the last N exported blocks stay float MatMuls, the
+    others are quantised; the report and the metadata say so; without --int8 it is refused."""
+    import onnx
+
+    report = export_onnx(load_model(files["pre.pt"]), tmp_path / "k1.onnx", int8=True, fp32_blocks=1)
+    nodes = onnx.load(str(tmp_path / "k1.onnx")).graph.node
+    depth = report.depth
+    last = [n.op_type for n in nodes if f"blocks.{depth - 1}/" in n.name and "/qkv/" in n.name]
+    first = [n.op_type for n in nodes if "blocks.0/" in n.name and "/qkv/" in n.name]
+    assert "MatMul" in last and "MatMul" not in first, (last, first)
+    assert report.int8_check["fp32_blocks"] == 1 and "kept in fp32" in "\n".join(report.lines())
+    assert load_model(tmp_path / "k1.onnx").metadata.int8_check["fp32_blocks"] == 1
+    with pytest.raises(ValueError, match="fp32_blocks"):
+        export_onnx(load_model(files["pre.pt"]), tmp_path / "k9.onnx", int8=True, fp32_blocks=depth + 1)
+    assert export_main([str(files["pre.pt"]), str(tmp_path / "k2.onnx"), "--fp32-blocks", "1"]) == 2
+    assert "--int8" in capsys.readouterr().err
+
+
 def test_hear_accepts_onnx(files: dict) -> None:
     audio = torch.from_numpy(np.stack([tone(2.0, seed=i) for i in range(3)]))
     pt, ox = hear.load_model(str(files["pre.pt"]), device="cpu"), hear.load_model(str(files["pre.onnx"]))
