@@ -16,7 +16,7 @@ cannot run on a test machine and then at least parsed, so an error in the docume
 - Besides: the layout lists name every file of the folders they enumerate, and inline code that passes a
   keyword of the Python API passes it to a function that takes it.
 
-experiments.md is left out: it records the commands of past experiments.
+experiments.md and ablations.md are left out: they record the commands of past experiments.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ import soundfile as sf
 
 from helpers import BIN, REPO
 
-PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if p.name != "experiments.md")]
+RECORDS = ("experiments.md", "ablations.md")  # records of past experiments and their commands
+PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if p.name not in RECORDS)]
 LANGUAGES = {"python": "python", "py": "python", "bash": "shell", "sh": "shell", "shell": "shell", "console": "shell"}
 
 RUN = "run"
