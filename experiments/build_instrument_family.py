@@ -52,6 +52,7 @@ import soundfile as sf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import heldout_common as common  # noqa: E402
+from eat_fairseq.evaluation.probe import evenly_spaced  # noqa: E402  (the one evenly-spaced pick)
 
 PACKAGE = "fluid-soundfont-gm"
 SF2 = "usr/share/sounds/sf2/FluidR3_GM.sf2"
@@ -236,7 +237,8 @@ def collect(sf2: str, render_dir: str, notes_per_program: Optional[int] = 12, ho
         label = family_of(pr.program)
         if len(per_class[label]) < 2:
             continue  # one group only: it could not be held out and still be learnt
-        for key in common.evenly_spaced(sorted(pr.keys), notes_per_program):
+        keys = sorted(pr.keys)
+        for key in [keys[i] for i in evenly_spaced(len(keys), notes_per_program)]:
             name = common.safe_name(f"p{pr.program:03d}_{pr.name}_n{key:03d}")
             wav = os.path.join(render_dir, f"{name}.wav")
             render(sf2, pr.program, key, hold_s, wav)
@@ -258,9 +260,7 @@ def build(args: argparse.Namespace) -> common.BuildResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, default_folds=5)
+    parser = common.make_parser(__doc__, default_folds=5)
     parser.add_argument("--notes-per-program", type=int, default=12, help="notes per preset (default 12)")
     parser.add_argument("--note-seconds", type=float, default=1.5, help="how long each note is held (default 1.5)")
     return parser

@@ -148,9 +148,7 @@ def build(args: argparse.Namespace) -> common.BuildResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(parser, default_folds=5)
+    parser = common.make_parser(__doc__, default_folds=5)
     return parser
 
 

@@ -88,15 +88,6 @@ def safe_name(text: str) -> str:
     return out.strip("._") or "x"
 
 
-def evenly_spaced(items: Sequence, m: Optional[int]) -> list:
-    """At most ``m`` items spread evenly over ``items`` (all of them when ``m`` is None or larger)."""
-    if m is None or m >= len(items):
-        return list(items)
-    if m <= 0:
-        return []
-    return [items[int(i)] for i in sorted({int(round(x)) for x in np.linspace(0, len(items) - 1, m)})]
-
-
 def equal_segments(samples: np.ndarray, max_n: int) -> list[np.ndarray]:
     """``samples`` whole when at most ``max_n`` long, else cut into the fewest equal parts of at most
     ``max_n`` samples (no short remainder)."""
@@ -288,6 +279,15 @@ def summary(result: BuildResult, out: str) -> str:
     lines.append(f"total: {len(result.rows)} clips, {total / 3600:.2f} h; {len(result.skipped)} sources left out, "
                  f"{len(result.merged)} copies dropped")
     return "\n".join(lines)
+
+
+def make_parser(doc: str, default_folds: int = 5) -> argparse.ArgumentParser:
+    """A builder's parser: its docstring's first paragraph as description, the rest as epilog, and the
+    options every builder shares."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, default_folds=default_folds)
+    return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_folds: int = 5) -> None:
