@@ -246,7 +246,34 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
     lines.append("Accuracy: logistic regression, %, mean over held-out splits and seeds; best = the best block "
                  "of each run. Differences are paired per split and seed: mean (standard error over splits; "
                  "splits ahead).")
+    if "base" in runs:
+        lines += ["", *per_seed_lines(runs, sets, "base")]
     return "\n".join(lines), numbers
+
+
+def per_seed_lines(runs: dict[str, dict[int, dict[str, Any]]], sets: Sequence[str], variant: str) -> list[str]:
+    """The issue's target, seed by seed: does each pre-training seed of ``variant`` beat random init
+    (same readout, same seed) and log-mel on every set? Per seed the difference is its mean over the
+    held-out splits (best block against best block), so one lucky seed cannot carry the others."""
+    lines = [f"### {variant}: each seed against random init and log-mel", "",
+             "| set | pooling | seeds | - random init, per seed | - log-mel, per seed | every seed ahead of both |",
+             "|---|---|---|---|---|---|"]
+    by_seed = runs[variant]
+    for set_name in sets:
+        seeds = sorted(s for s, r in by_seed.items() if set_name in r["probe"])
+        if not seeds:
+            continue
+        combined = combine([by_seed[s]["probe"][set_name] for s in seeds])
+        for pooling in POOLINGS:
+            student = combined.get(pooling, {}).get("student")
+            if not student or not all(ref in student["vs"] for ref in ("random-init", "logmel")):
+                continue
+            per_ref = [student["vs"][ref]["per_run"] for ref in ("random-init", "logmel")]
+            ahead = all(d > 0 for diffs in per_ref for d in diffs)
+            cells = [set_name, pooling, ",".join(map(str, seeds)),
+                     *(" / ".join(f"{d:+.1f}" for d in diffs) for diffs in per_ref), "yes" if ahead else "no"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def cmd_table(args: argparse.Namespace) -> int:

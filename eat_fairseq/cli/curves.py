@@ -282,7 +282,8 @@ def drawn_series(run: RunScalars) -> Series:
       ``utterance_loss``, and a logged ``frame_term`` (``model.frame_loss_weight`` other than 1)
       replaces ``frame_loss``, so the drawn parts add up to ``loss``;
     - online probe scores: they are logged again on every line until the next probe, so only the
-      update at which each new value appears is kept (one point per probe).
+      update at which each new value appears is kept (one point per probe); the log-mel baseline
+      (``probe_logmel_*``, constant) is a line from the first probe to the end of the run.
     """
     end = last_update(run)
     drawn: Series = {}
@@ -293,6 +294,10 @@ def drawn_series(run: RunScalars) -> Series:
             continue
         elif name == "frame_loss" and (tag, "frame_term") in run.series:
             continue
+        elif name.startswith("probe_logmel_") and points:
+            # the baseline does not change: one line from the first probe to the end of the run
+            first = min(points)
+            points = {first: points[first], max(end, first): points[first]}
         elif name.startswith("probe_"):
             kept, previous = {}, None
             for step, value in sorted(points.items()):
@@ -355,6 +360,8 @@ def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
             label = f"{name} ({tag})"
             # markers wherever points are few: a short run's curve, validation, one point per probe
             style = "-" if tag == "train_inner" and len(data) > 20 and not name.startswith("probe_") else "o-"
+            if name.startswith("probe_logmel_"):
+                style = "--"  # the baseline a probe curve has to cross
             ax.plot(steps, values, style, label=label, markersize=3, linewidth=1.2)
             labels[panel].append(label)
             points += len(data)

@@ -632,6 +632,7 @@ class OnlineProbe:
         pooling: str = "freq",
         max_per_split: Optional[int] = None,
         target_length: Optional[int] = None,
+        logmel_baseline: bool = True,
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"probe pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -644,7 +645,9 @@ class OnlineProbe:
         self.pooling = pooling
         self.max_per_split = max_per_split
         self.target_length = target_length
+        self.logmel_baseline = logmel_baseline
         self._data: Optional[ProbeData] = None
+        self._baseline: Optional[dict[str, float]] = None
 
     def prepare(self) -> ProbeData:
         """Check the whole labelled set and load the clips used; raise :class:`ProbeDataError`.
@@ -715,8 +718,21 @@ class OnlineProbe:
         classifiers = per_fold * len(folds) * num_encoders
         return {"features": features, "classifiers": classifiers, "total": features + classifiers}
 
+    def baseline(self) -> dict[str, float]:
+        """``{"probe_logmel_logreg": acc, "probe_logmel_knn": acc}``: the log-mel baseline on the same
+        clips, window and folds, each classifier's better of ``logmel-mean`` and ``logmel-meanstd`` (as
+        eat-probe's tables compare). It does not change during training, so it is computed once; logged
+        beside every probe, it is the line a pre-training curve has to cross to be worth its cost."""
+        if self._baseline is None:
+            with isolated_rng():
+                rows = [evaluate_features(x, self.data)
+                        for x in logmel_features(self.data, self.feat, self.target_length).values()]
+            self._baseline = {f"probe_logmel_{c}": max(r[c] for r in rows) for c in ("logreg", "knn")}
+        return dict(self._baseline)
+
     def run(self, encoders: dict[str, EATEncoder]) -> dict[str, float]:
-        """``{"probe_{name}_logreg": acc, "probe_{name}_knn": acc}`` for every named encoder."""
+        """``{"probe_{name}_logreg": acc, "probe_{name}_knn": acc}`` for every named encoder, plus the
+        log-mel baseline's (:meth:`baseline`) unless ``logmel_baseline`` is off."""
         out: dict[str, float] = {}
         with isolated_rng():
             data = self.data
@@ -724,4 +740,6 @@ class OnlineProbe:
                 res = evaluate_features(self._features(enc, data), data)
                 out[f"probe_{name}_logreg"] = res["logreg"]
                 out[f"probe_{name}_knn"] = res["knn"]
+        if self.logmel_baseline:
+            out.update(self.baseline())
         return out

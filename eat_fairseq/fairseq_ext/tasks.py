@@ -263,6 +263,11 @@ class EATPretrainingTaskConfig(FairseqDataclass):
         metadata={"help": "use at most this many evenly spaced clips of each probe split, which bounds the "
                   "probe's time and memory (0: all clips, however many)"},
     )
+    probe_logmel_baseline: bool = field(
+        default=True,
+        metadata={"help": "also log the log-mel baseline on the same clips and folds (probe_logmel_*; computed "
+                  "once, at the first probe), the line the student's curve has to cross"},
+    )
     probe_timeout_minutes: float = field(
         default=60.0,
         metadata={"help": "with several processes, how long the other ranks wait at a barrier for rank 0's "
@@ -345,6 +350,7 @@ class EATPretrainingTask(EATAudioTask):
                     layer=int(self.cfg.probe_layer),
                     pooling=str(self.cfg.probe_pooling),
                     max_per_split=int(self.cfg.probe_max_per_split) or None,
+                    logmel_baseline=bool(self.cfg.probe_logmel_baseline),
                 )
                 probe.prepare()
                 self.probe = probe

@@ -66,3 +66,16 @@ def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown variants"):
         ablation.main(["run", "--pool", str(tmp_path), "--out", str(tmp_path / "o"), "--set", f"a={tmp_path}",
                        "--variants", "base,bigger_decoder"])
+
+
+def test_per_seed_target_table_needs_every_seed_ahead(tmp_path: Path) -> None:
+    # seed 1 beats random init (0.4) and log-mel (0.5) on every split; seed 2 is behind log-mel on average
+    _write_run(tmp_path, "base", 1, _probe([0.6, 0.6, 0.6], [0.5, 0.5, 0.5], 1))
+    _write_run(tmp_path, "base", 2, _probe([0.45, 0.45, 0.45], [0.4, 0.4, 0.4], 2))
+    text, _ = ablation.tabulate(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| set1 | freq |"))
+    assert row == "| set1 | freq | 1,2 | +20.0 / +5.0 | +10.0 / -5.0 | no |"
+    (tmp_path / "base" / "seed2" / "run.json").unlink()
+    text, _ = ablation.tabulate(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| set1 | freq |"))
+    assert row == "| set1 | freq | 1 | +20.0 | +10.0 | yes |"

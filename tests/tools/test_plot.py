@@ -102,13 +102,14 @@ def test_cli_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 # a 6-update pre-training run with the online probe (json lines as fairseq-hydra-train writes them)
+LOGMEL = ', "probe_logmel_logreg": "0.6"'
 SHORT_RUN = "".join(
     f'[2026-12-04 10:00:0{n},000][train_inner][INFO] - {{"epoch": 1, "loss": "{80 + n}", "frame_loss": "{6 + n}", '
     f'"utterance_loss": "5", "utterance_term": "{74}", "num_updates": "{n}", "lr": "{lr}"{probe}}}\n'
     for n, lr, probe in [
-        (1, "1e-4", ""), (2, "2e-4", ""), (3, "1.5e-4", ', "probe_student_logreg": "0.5"'),
-        (4, "8e-5", ', "probe_student_logreg": "0.5"'), (5, "6e-7", ', "probe_student_logreg": "0.5"'),
-        (6, "5e-5", ', "probe_student_logreg": "0.75"'),
+        (1, "1e-4", ""), (2, "2e-4", ""), (3, "1.5e-4", ', "probe_student_logreg": "0.5"' + LOGMEL),
+        (4, "8e-5", ', "probe_student_logreg": "0.5"' + LOGMEL), (5, "6e-7", ', "probe_student_logreg": "0.5"' + LOGMEL),
+        (6, "5e-5", ', "probe_student_logreg": "0.75"' + LOGMEL),
     ]
 ) + '[2026-12-04 10:00:09,000][valid][INFO] - {"epoch": 1, "valid_loss": "81", "valid_num_updates": "6"}\n'
 
@@ -129,8 +130,9 @@ def test_curves_a_user_reads_without_explanation(tmp_path: Path) -> None:
         parts = drawn[("train_inner", "frame_loss")][step] + drawn[("train_inner", "utterance_term")][step]
         assert parts == pytest.approx(drawn[("train_inner", "loss")][step])
     # the probe's score repeats on every line until the next probe: drawn once per probe
-    assert chosen["probe accuracy"] == [("train_inner", "probe_student_logreg")]
+    assert chosen["probe accuracy"] == [("train_inner", "probe_logmel_logreg"), ("train_inner", "probe_student_logreg")]
     assert drawn[("train_inner", "probe_student_logreg")] == {3: 0.5, 6: 0.75}
+    assert drawn[("train_inner", "probe_logmel_logreg")] == {3: 0.6, 6: 0.6}  # a line over the run
     pytest.importorskip("matplotlib")
     out = tmp_path / "curves.png"
     assert plot_main([str(tmp_path / "hydra_train.log"), "--out", str(out)]) == 0

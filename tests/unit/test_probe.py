@@ -175,11 +175,31 @@ def test_online_probe_only_observes(tmp_path: Path) -> None:
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     out = probe.run({"student": student, "teacher": teacher})
-    assert set(out) == {f"probe_{m}_{c}" for m in ("student", "teacher") for c in ("logreg", "knn")}
+    assert set(out) == {f"probe_{m}_{c}" for m in ("student", "teacher", "logmel") for c in ("logreg", "knn")}
     assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
     assert torch.equal(torch.get_rng_state(), states[2])
     assert student.training and not teacher.training
     assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+def test_online_probe_logs_the_logmel_baseline_of_its_own_clips(tmp_path: Path) -> None:
+    """The online probe's log-mel line is eat-probe's baseline on the same clips and folds (the better
+    of its two rows per classifier), computed once; ``logmel_baseline=False`` leaves it out."""
+    from eat_fairseq.evaluation.probe import OnlineProbe, probe_logmel
+
+    folder = write_tone_folder(tmp_path, splits=2, per_class=3)
+    feat = FeatureConfig(target_length=128)
+    encoder = EATEncoder(EncoderConfig.tiny()).eval()
+    probe = OnlineProbe(str(folder), feat, max_per_split=2)
+    out = probe.run({"student": encoder})
+    rows = probe_logmel(probe.data, feat)
+    assert {r.pooling for r in rows} == {"logmel-mean", "logmel-meanstd"}
+    assert out["probe_logmel_logreg"] == max(r.logreg for r in rows)
+    assert out["probe_logmel_knn"] == max(r.knn for r in rows)
+    probe._baseline = {"probe_logmel_logreg": -1.0, "probe_logmel_knn": -1.0}  # computed once, then reused
+    assert probe.run({"student": encoder})["probe_logmel_logreg"] == -1.0
+    quiet = OnlineProbe(str(folder), feat, max_per_split=2, logmel_baseline=False)
+    assert set(quiet.run({"student": encoder})) == {"probe_student_logreg", "probe_student_knn"}
 
 
 def test_whole_clips_probes_past_the_window(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
