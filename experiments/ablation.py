@@ -208,6 +208,7 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
     sets = sorted({s for v in runs.values() for r in v.values() for s in r["probe"]})
     lines = [f"Runs in `{out}`: " + "; ".join(f"{v}: seeds {sorted(r)}" for v, r in runs.items()), ""]
     numbers: dict[str, Any] = {}
+    base_combined: dict[str, tuple[list[int], dict[str, Any]]] = {}
     for set_name in sets:
         lines += [f"### {set_name}", "",
                   "| variant | equal | seeds | pooling | student best | student last | random init | log-mel "
@@ -220,6 +221,8 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
                 continue
             probes = [by_seed[s]["probe"][set_name] for s in seeds]
             combined = combine(probes)
+            if variant == "base":
+                base_combined[set_name] = (seeds, combined)
             splits = len(probes[0]["settings"]["splits"])
             arms = None
             if variant != "base" and all(s in base and set_name in base[s]["probe"] for s in seeds):
@@ -246,24 +249,20 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
     lines.append("Accuracy: logistic regression, %, mean over held-out splits and seeds; best = the best block "
                  "of each run. Differences are paired per split and seed: mean (standard error over splits; "
                  "splits ahead).")
-    if "base" in runs:
-        lines += ["", *per_seed_lines(runs, sets, "base")]
+    if base_combined:
+        lines += ["", *per_seed_lines(base_combined)]
     return "\n".join(lines), numbers
 
 
-def per_seed_lines(runs: dict[str, dict[int, dict[str, Any]]], sets: Sequence[str], variant: str) -> list[str]:
-    """The issue's target, seed by seed: does each pre-training seed of ``variant`` beat random init
-    (same readout, same seed) and log-mel on every set? Per seed the difference is its mean over the
-    held-out splits (best block against best block), so one lucky seed cannot carry the others."""
-    lines = [f"### {variant}: each seed against random init and log-mel", "",
+def per_seed_lines(base_combined: dict[str, tuple[list[int], dict[str, Any]]]) -> list[str]:
+    """The issue's target, seed by seed: does each pre-training seed of the base recipe beat random init
+    (same readout, same seed) and log-mel on every set? ``base_combined``: set -> (seeds, ``combine``'s
+    result). Per seed the difference is its mean over the held-out splits (best block against best
+    block), so one lucky seed cannot carry the others."""
+    lines = ["### base: each seed against random init and log-mel", "",
              "| set | pooling | seeds | - random init, per seed | - log-mel, per seed | every seed ahead of both |",
              "|---|---|---|---|---|---|"]
-    by_seed = runs[variant]
-    for set_name in sets:
-        seeds = sorted(s for s, r in by_seed.items() if set_name in r["probe"])
-        if not seeds:
-            continue
-        combined = combine([by_seed[s]["probe"][set_name] for s in seeds])
+    for set_name, (seeds, combined) in base_combined.items():
         for pooling in POOLINGS:
             student = combined.get(pooling, {}).get("student")
             if not student or not all(ref in student["vs"] for ref in ("random-init", "logmel")):

@@ -725,9 +725,8 @@ class OnlineProbe:
         beside every probe, it is the line a pre-training curve has to cross to be worth its cost."""
         if self._baseline is None:
             with isolated_rng():
-                rows = [evaluate_features(x, self.data)
-                        for x in logmel_features(self.data, self.feat, self.target_length).values()]
-            self._baseline = {f"probe_logmel_{c}": max(r[c] for r in rows) for c in ("logreg", "knn")}
+                rows = probe_logmel(self.data, self.feat, self.target_length)
+            self._baseline = {f"probe_logmel_{c}": max(getattr(r, c) for r in rows) for c in ("logreg", "knn")}
         return dict(self._baseline)
 
     def run(self, encoders: dict[str, EATEncoder]) -> dict[str, float]:
