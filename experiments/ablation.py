@@ -22,7 +22,10 @@ checkpoint), and sets added later are probed on the finished runs.
 Variants (``VARIANTS``) are named sets of hydra overrides. Those that change the cost of an update
 (mask ratio, clone count, decoder) are meant for equal wall time: give ``--minutes-per-run`` and each
 run's ``max_update`` is set from its own measured seconds per update (a 60-update timing run first),
-so every schedule finishes; the others run ``--max-update`` updates. The table says which.
+so every schedule finishes; or give ``--equal-time`` and each runs ``--max-update`` scaled by the
+base's seconds per update over its own, both timed back to back (a machine shared with other jobs
+slows both alike, so the ratio holds where a minute count would not). The others run
+``--max-update`` updates. The table says which.
 
 ``table`` prints, per set and variant: the student's accuracy (logistic regression, best block and
 last block, mean over seeds) per pooling, and its difference to random init, to log-mel and to the
@@ -111,7 +114,15 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         overrides, costly = VARIANTS[variant]
         max_update = args.max_update
         rate = None
-        if costly and args.minutes_per_run:
+        base_rate = None
+        if costly and args.equal_time:
+            if not args.max_update:
+                raise SystemExit("--equal-time needs --max-update (the base variant's updates)")
+            # back to back in the same job, so both see the same load on the machine
+            rate = _seconds_per_update(args, overrides, run_dir, env)
+            base_rate = _seconds_per_update(args, (), os.path.join(run_dir, "base_timing"), env)
+            max_update = max(100, round(args.max_update * base_rate / rate))
+        elif costly and args.minutes_per_run:
             rate = _seconds_per_update(args, overrides, run_dir, env)
             max_update = max(100, int(args.minutes_per_run * 60 / rate))
         extra = [f"model.ema_anneal_end_step={max_update}"] if max_update else []
@@ -123,6 +134,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         _, seconds = pretrain(ns, run_dir, env)
         record = {"variant": variant, "seed": seed, "overrides": list(ns.set), "max_update": max_update,
                   "equal": "wall time" if rate else "updates", "seconds_per_update": rate,
+                  "base_seconds_per_update": base_rate,
                   "pretrain_seconds": seconds, "threads": args.threads, "probes": {},
                   "date": time.strftime("%Y-%m-%d %H:%M"),
                   "recipe": os.path.relpath(os.path.abspath(args.recipe), ROOT)}
@@ -300,6 +312,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     r.add_argument("--max-update", type=int, default=None, help="updates per run (default: the recipe's)")
     r.add_argument("--minutes-per-run", type=float, default=None,
                    help="equal wall time for the variants that change the cost of an update")
+    r.add_argument("--equal-time", action="store_true",
+                   help="equal wall time without guessing the machine's speed: a variant that changes the cost "
+                        "of an update runs --max-update x (the base's seconds per update / its own), both timed "
+                        "back to back in its job")
     r.add_argument("--warmup-fraction", type=float, default=0.1,
                    help="warm-up updates as a fraction of each run's max_update (the recipe's 10%%; 0: the recipe's)")
     r.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -216,7 +216,7 @@ def test_a_failing_probe_is_logged_and_skipped_and_training_goes_on(tmp_path: Pa
     assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)  # the traceback, at debug
     assert task.last_probe == {}
     del task.probe.run  # the real probe works again on the next probe
-    keys = {f"probe_{m}_{c}" for m in ("student", "teacher") for c in ("logreg", "knn")}
+    keys = {f"probe_{m}_{c}" for m in ("student", "teacher", "logmel") for c in ("logreg", "knn")}
     assert set(task.run_probe(model, 3)) == keys
 
 
