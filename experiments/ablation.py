@@ -58,6 +58,9 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "frame_only": (("model.utterance_loss_weight=0.0",), False),
     "utterance_only": (("model.frame_loss_weight=0.0",), False),
     "random_mask": (("model.mask_type=random",), False),
+    # eat_small's 8 x 8 grid gets no blocks of 5 (the recipe's masks are random, MaskSpec.blocks_per_row);
+    # blocks of 2 keep the inverse block structure at this scale (4 blocks, 12 visible patches)
+    "blocks2": (("model.mask_length=2",), False),
     "layer_targets": (("model.target_norm=layer",), False),
     "linear_decoder": (("model.decoder_type=linear",), True),
     "transformer_decoder": (("model.decoder_type=transformer",), True),

@@ -466,19 +466,27 @@ class EATPretrainingTask(EATAudioTask):
         manifest = os.path.join(self.cfg.data, f"{split}.tsv")
         if not os.path.exists(manifest):
             raise FileNotFoundError(f"no manifest for split {split!r}: {manifest} does not exist")
-        mask = None
-        if self.cfg.precompute_mask:
-            mask = MaskSpec(
-                clone_batch=self.cfg.clone_batch,
-                mask_prob=self.cfg.mask_prob,
-                mask_length=self.cfg.mask_length,
-                mask_prob_adjust=self.cfg.mask_prob_adjust,
-                patch_size=self.cfg.patch_size,
-                mask_type=self._mask_type(),
-            )
+        spec = MaskSpec(
+            clone_batch=self.cfg.clone_batch,
+            mask_prob=self.cfg.mask_prob,
+            mask_length=self.cfg.mask_length,
+            mask_prob_adjust=self.cfg.mask_prob_adjust,
+            patch_size=self.cfg.patch_size,
+            mask_type=self._mask_type(),
+        )
+        features = self.feature_config()
+        if spec.mask_type == "inverse_block" and features.target_length:
+            grid = spec.grid(features.target_length, features.num_mel_bins)
+            if grid[0] > 0 and spec.blocks_per_row(grid) == 0:
+                logger.warning(
+                    "inverse block masking places no blocks on a %d x %d patch grid (mask_prob=%s, mask_length=%d): "
+                    "the masks are uniformly random, as with model.mask_type=random. A smaller model.mask_length "
+                    "or a longer task.target_length gives blocks (docs/differences.md)",
+                    grid[0], grid[1], spec.mask_prob, spec.mask_length)
+        mask = spec if self.cfg.precompute_mask else None
         self.datasets[split] = EATAudioDataset(
             manifest,
-            features=self.feature_config(),
+            features=features,
             min_samples=self.cfg.min_sample_size,
             on_error=str(self.cfg.on_bad_file),
             mask=mask,

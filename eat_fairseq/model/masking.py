@@ -65,6 +65,18 @@ class MaskSpec:
         """The ``(H, W)`` patch grid of a ``(num_frames, num_mel_bins)`` fbank."""
         return num_frames // self.patch_size, num_mel_bins // self.patch_size
 
+    def blocks_per_row(self, grid: tuple[int, int]) -> int:
+        """Visible blocks an inverse block mask places per row on ``grid`` (0 for random masks).
+
+        0 means the "inverse block" mask is a uniformly random one: with 80% masking and blocks of 5,
+        a 128-frame window (an 8 x 8 patch grid, 12 visible patches) gets int(64 * 0.27 / 25) = 0
+        blocks, and :func:`inverse_block_mask` then draws exactly what :func:`random_mask` draws.
+        """
+        if self.mask_type == "random":
+            return 0
+        h, w = _check_grid(grid)
+        return num_block_centres(h * w, self.mask_prob, self.mask_prob_adjust, self.mask_length)
+
     def draw(self, rows: int, grid: tuple[int, int], generator: torch.Generator | None = None,
              device: torch.device | str | None = None) -> Tensor:
         """``(rows, H*W)`` masks (True = masked) with these settings: inverse block or random."""

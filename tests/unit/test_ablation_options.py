@@ -235,6 +235,49 @@ def test_random_mask_differs_from_blocks_and_is_deterministic() -> None:
     assert _visible_neighbour_share(a, grid) < 0.75  # about 1 - 0.8**4 away from the edges
 
 
+def test_an_8_by_8_grid_gets_no_blocks_of_5_so_its_inverse_block_masks_are_random() -> None:
+    """eat_small's 128-frame windows: 64 patches, 12 visible, int(64 * 0.27 / 25) = 0 blocks, so the
+    release's inverse block mask draws exactly the random mask of the same generator; blocks of 2
+    (the `blocks2` ablation) place 4 blocks and keep visible patches together."""
+    grid = (8, 8)
+    release = MaskSpec(clone_batch=1, mask_prob=0.8, mask_length=5, mask_prob_adjust=0.07, patch_size=16)
+    assert release.blocks_per_row(grid) == 0 and release.blocks_per_row((64, 8)) == 5  # 1,024 frames: 5
+    for seed in range(3):
+        drawn = release.draw(32, grid, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(drawn, random_mask(32, grid, generator=torch.Generator().manual_seed(seed)))
+    blocks2 = MaskSpec(clone_batch=1, mask_prob=0.8, mask_length=2, mask_prob_adjust=0.07, patch_size=16)
+    assert blocks2.blocks_per_row(grid) == 4
+    b = blocks2.draw(256, grid, generator=torch.Generator().manual_seed(0))
+    r = release.draw(256, grid, generator=torch.Generator().manual_seed(0))
+    assert (~b).sum(1).eq(12).all() and (~r).sum(1).eq(12).all()
+    assert _visible_neighbour_share(b, grid) > _visible_neighbour_share(r, grid) + 0.2
+    assert MaskSpec(clone_batch=1, mask_prob=0.8, mask_length=5, mask_prob_adjust=0.07, patch_size=16,
+                    mask_type="random").blocks_per_row((64, 8)) == 0
+
+
+def test_the_task_warns_when_inverse_block_masking_places_no_blocks(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("fairseq")
+    import logging
+
+    from helpers import REPO, compose_recipe, make_audio_corpus
+
+    import eat_fairseq.fairseq_ext  # noqa: F401  (registers the eat_* components)
+    from fairseq import tasks as fairseq_tasks
+
+    data = make_audio_corpus(tmp_path, num_clips=4)
+    for extra, warned in (([], True), (["+model.mask_length=2"], False), (["model.mask_type=random"], False)):
+        caplog.clear()
+        cfg = compose_recipe(REPO / "examples" / "pretraining", "eat_tiny", [f"task.data={data}", *extra])
+        assert cfg.task.target_length == 128
+        task = fairseq_tasks.setup_task(cfg.task)
+        with caplog.at_level(logging.WARNING):
+            task.load_dataset("train")
+        messages = [r.getMessage() for r in caplog.records if "places no blocks" in r.getMessage()]
+        assert bool(messages) == warned, extra
+        assert all("8 x 8 patch grid" in m for m in messages)
+
+
 def test_model_draws_random_masks_with_the_global_rng() -> None:
     model = _model(mask_type="random")
     torch.manual_seed(3)
