@@ -89,13 +89,12 @@ def test_equal_time_scales_updates_by_the_base_cost_measured_beside_the_variant(
         timed.append(tuple(overrides))
         return 0.2 if overrides else 0.3  # the variant is cheaper per update than the base
 
-    launched: list = []
     monkeypatch.setattr(ablation, "_seconds_per_update", seconds_per_update)
-    monkeypatch.setattr(ablation, "pretrain", lambda ns, run_dir, env: (launched.append(ns), ("ck.pt", 1.0))[1])
-    common = ["run", "--pool", str(tmp_path), "--out", str(tmp_path / "o"), "--set", f"a={tmp_path}",
-              "--max-update", "1000", "--equal-time"]
-    monkeypatch.setattr(ablation, "_run", lambda cmd, log, env: 1.0)
-    assert ablation.main([*common, "--variants", "linear_decoder,frame_only"]) == 0
+    monkeypatch.setattr(ablation, "pretrain", lambda ns, run_dir, env: ("ck.pt", 1.0))
+    monkeypatch.setattr(ablation, "_run", lambda cmd, log, env: 1.0)  # the probes
+    common = ["run", "--pool", str(tmp_path), "--set", f"a={tmp_path}", "--equal-time"]
+    assert ablation.main([*common, "--out", str(tmp_path / "o"), "--max-update", "1000",
+                          "--variants", "linear_decoder,frame_only"]) == 0
     record = json.loads((tmp_path / "o" / "linear_decoder" / "seed1" / "run.json").read_text())
     assert record["max_update"] == 1500 and record["equal"] == "wall time"  # 1000 x 0.3 / 0.2
     assert record["seconds_per_update"] == 0.2 and record["base_seconds_per_update"] == 0.3
@@ -104,5 +103,4 @@ def test_equal_time_scales_updates_by_the_base_cost_measured_beside_the_variant(
     assert other["max_update"] == 1000 and other["equal"] == "updates"  # same cost: equal updates, not timed
     assert sorted(timed) == [(), ("model.decoder_type=linear",)]
     with pytest.raises(SystemExit, match="--equal-time needs --max-update"):
-        ablation.main([c for c in common if c != "1000" and c != "--max-update"] + ["--variants", "mask0.6",
-                                                                                 "--out", str(tmp_path / "p")])
+        ablation.main([*common, "--out", str(tmp_path / "p"), "--variants", "mask0.6"])
