@@ -54,6 +54,8 @@ from typing import Any, Callable
 
 import torch
 
+from eat_fairseq.checkpoints.errors import CheckpointError, UnsafeCheckpointError
+
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -64,14 +66,6 @@ __all__ = [
     "to_plain",
     "restricted_pickle_module",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, corrupt, truncated or not a checkpoint; the message names the file."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint asks for a global that could run code; the message names the file and the global."""
 
 
 DENIED_MODULES: frozenset[str] = frozenset(

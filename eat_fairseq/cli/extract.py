@@ -30,7 +30,8 @@ shorter than 25 ms) are skipped, listed at the end and in ``DIR/errors.tsv``, an
 Exit status: 0 every clip embedded; 1 some clip failed (the others are written) or the checkpoint
 cannot be used; 2 bad arguments (a missing checkpoint file among them), an unusable manifest, or
 outputs in the way. Uses only the pure core (no fairseq); torch is imported after the arguments are
-parsed.
+parsed, and not at all for an ``.onnx`` model on the CPU (the torch-free runner,
+:mod:`eat_fairseq.inference.onnx_runner`, unless a clip needs resampling).
 """
 from __future__ import annotations
 
@@ -53,11 +54,15 @@ from eat_fairseq.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from typing import Union
+
     import torch
 
     from eat_fairseq.data.manifest import ManifestRow
-
     from eat_fairseq.inference.api import EATModelHandle
+    from eat_fairseq.inference.onnx_runner import OnnxRunner
+
+    Model = Union[EATModelHandle, OnnxRunner]
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf"})
 """Suffixes picked up inside folders (files named on the command line are tried whatever their suffix)."""
@@ -167,15 +172,15 @@ def expand_inputs(inputs: Iterable[str], manifests: bool = True) -> tuple[list[A
     return loose, groups
 
 
-def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
+def load_item(handle: "Model", item: AudioItem) -> Any:
     """The one place where an input row becomes audio: a mono waveform at the model's rate.
 
     Every input, a loose file or a manifest row of any kind (file, span, shard member), is read by the
     one row reader (:func:`eat_fairseq.data.clips.read_row`), as training reads it. Only regular files
     are opened (a FIFO named ``.wav`` would block the decoder forever).
     """
-    from eat_fairseq.data.audio import AudioError
-    from eat_fairseq.data.clips import read_row
+    from eat_fairseq.data.clips import read_row_array
+    from eat_fairseq.data.errors import AudioError
     from eat_fairseq.data.manifest import ManifestRow
 
     row = item.row
@@ -186,7 +191,7 @@ def load_item(handle: "EATModelHandle", item: AudioItem) -> "torch.Tensor":
             raise AudioError(f"{item.path}: not a regular file")
     if row is None:
         row = ManifestRow(path=os.path.abspath(item.path), num_samples=0, line=0, rel=item.path)
-    wave, sr = read_row(row, item.manifest)
+    wave, sr = read_row_array(row, item.manifest)
     return handle.prepare(wave, sample_rate=sr, source=item.path if row.kind == "file" else row.describe())
 
 
@@ -206,13 +211,13 @@ def progress(total: int, desc: str, enabled: bool = True) -> Any:
 
 def clip_errors() -> tuple[type[BaseException], ...]:
     """Per-clip failures that skip the clip instead of stopping the run."""
-    from eat_fairseq.data.audio import AudioError
+    from eat_fairseq.data.errors import AudioError
 
     return (AudioError, OSError, ValueError, RuntimeError)
 
 
 def run_batches(
-    handle: "EATModelHandle",
+    handle: "Model",
     items: list[AudioItem],
     compute: Callable[[list["torch.Tensor"]], list[Any]],
     batch_size: int,
@@ -265,12 +270,23 @@ def report_errors(errors: list[tuple[str, str]], out_dir: Optional[Path], total:
         print(f"{prog}: the list is in {path}", file=sys.stderr)
 
 
-def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["EATModelHandle"]:
-    """The model, or None after printing why it cannot be used (the device was checked before)."""
-    from eat_fairseq.inference.api import load_model
-    from eat_fairseq.checkpoints.load import CheckpointError
+def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["Model"]:
+    """The model, or None after printing why it cannot be used (the device was checked before).
+
+    An ``.onnx`` file on the CPU gets the torch-free runner
+    (:class:`eat_fairseq.inference.onnx_runner.OnnxRunner`, same outputs, no torch import); every
+    other checkpoint :func:`eat_fairseq.inference.api.load_model`'s handle.
+    """
+    from eat_fairseq.checkpoints.errors import CheckpointError
+    from eat_fairseq.inference.onnx_format import is_onnx_path
 
     try:
+        if is_onnx_path(args.checkpoint) and args.device == "cpu" and not getattr(args, "use_teacher", False):
+            from eat_fairseq.inference.onnx_runner import load_runner
+
+            return load_runner(args.checkpoint, batch_size=args.batch_size, threads=args.threads)
+        from eat_fairseq.inference.api import load_model
+
         return load_model(
             args.checkpoint,
             device=args.device,
@@ -306,7 +322,12 @@ def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
     problem = device_error(args.device)
     if problem:
         parser.error(problem)
-    apply_threads(parser, args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    from eat_fairseq.inference.onnx_format import is_onnx_path
+
+    if not (is_onnx_path(args.checkpoint) and args.device == "cpu"):
+        apply_threads(parser, args.threads)  # the torch-free ONNX runner takes them at load_for_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,7 +371,7 @@ def _save_clip(path: Path, result: Any, granularity: str) -> None:
 
 
 def _write_manifest_outputs(
-    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any, int]], granularity: str, handle: "EATModelHandle"
+    out_dir: Path, stem: str, rows: list[tuple[AudioItem, Any, int]], granularity: str, handle: "Model"
 ) -> None:
     """``rows``: ``(item, result, samples of its waveform)`` per clip that succeeded."""
     import numpy as np

@@ -11,13 +11,11 @@ from typing import Union
 import torch
 import torchaudio.functional as taf
 
+from eat_fairseq.data.errors import AudioError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["AudioError", "load_audio", "to_mono_16k", "load_waveform"]
-
-
-class AudioError(RuntimeError):
-    """An audio file could not be loaded or failed validation; the message names the file."""
 
 
 def load_audio(path: PathLike) -> tuple[torch.Tensor, int]:

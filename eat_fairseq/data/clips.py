@@ -18,15 +18,17 @@ import os
 import random
 import struct
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import soundfile as sf
-import torch
 
-from eat_fairseq.data.audio import AudioError
-from eat_fairseq.data.features import FeatureConfig, frame_geometry
+from eat_fairseq.data.errors import AudioError
+from eat_fairseq.data.feature_settings import FeatureConfig, frame_geometry
 from eat_fairseq.data.manifest import SHARD, SPAN, ManifestRow
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ClipSource",
@@ -255,20 +257,33 @@ def open_clip(row: ManifestRow, manifest: Optional[str] = None) -> Iterator[Clip
             handle.close()
 
 
-def _checked(data: np.ndarray, row: ManifestRow, where: str) -> torch.Tensor:
+def _checked(data: np.ndarray, row: ManifestRow, where: str) -> np.ndarray:
     # Empty or NaN/inf audio would silently turn into NaN features and poison a whole batch.
     if data.size == 0:
         raise AudioError(f"audio {row.describe()}{where} contains no samples")
     if not np.isfinite(data).all():
         raise AudioError(f"audio {row.describe()}{where} contains NaN or infinite samples")
-    return torch.from_numpy(np.ascontiguousarray(data.T))
+    return np.ascontiguousarray(data.T)
 
 
-def read_row(row: ManifestRow, manifest: Optional[str] = None) -> tuple[torch.Tensor, int]:
-    """The whole clip of a row as ``(wave (C, S) float32, sample_rate)``, validated like
-    :func:`eat_fairseq.data.audio.load_audio` (which it equals for a plain file row)."""
+def _tensor(data: np.ndarray) -> "torch.Tensor":
+    # torch is imported here, not at module level: the torch-free ONNX runner reads rows too.
+    import torch
+
+    return torch.from_numpy(data)
+
+
+def read_row_array(row: ManifestRow, manifest: Optional[str] = None) -> tuple[np.ndarray, int]:
+    """:func:`read_row` as a numpy array ``(C, S)`` float32: the same reader, without torch."""
     with open_clip(row, manifest) as clip:
         return _checked(clip.read(), row, _where(row, manifest)), clip.samplerate
+
+
+def read_row(row: ManifestRow, manifest: Optional[str] = None) -> tuple["torch.Tensor", int]:
+    """The whole clip of a row as ``(wave (C, S) float32, sample_rate)``, validated like
+    :func:`eat_fairseq.data.audio.load_audio` (which it equals for a plain file row)."""
+    data, samplerate = read_row_array(row, manifest)
+    return _tensor(data), samplerate
 
 
 def window_frames(samplerate: int, cfg: FeatureConfig) -> Optional[int]:
@@ -307,7 +322,7 @@ def read_row_window(
     seed: Optional[int] = None,
     whole_file: bool = False,
     manifest: Optional[str] = None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple["torch.Tensor", int]:
     """Read only the frames the features of a row use: ``(wave (C, S) float32, sample_rate)``.
 
     A clip no longer than the window (``cfg.target_length`` fbank frames) is read whole, so its
@@ -327,4 +342,4 @@ def read_row_window(
         else:
             start = choose_start(clip.frames, window, crop, seed)
             data = clip.read(start, window)
-        return _checked(data, row, where), clip.samplerate
+        return _tensor(_checked(data, row, where)), clip.samplerate

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Optional, Union, overload
 
 import torch
@@ -43,79 +43,22 @@ __all__ = [
     "waveform_to_features",
 ]
 
-AUDIOSET_MEAN = -4.268
-AUDIOSET_STD = 4.569
-ESC50_MEAN = -6.627
-ESC50_STD = 5.359
-SPEECHCOMMANDS_MEAN = -6.846
-SPEECHCOMMANDS_STD = 5.565
-
-FRAME_LENGTH_MS = 25
-FRAME_SHIFT_MS = 10
-PREEMPHASIS = 0.97
-LOW_FREQ = 20.0
-# Kaldi floors the mel energies at numeric_limits<float>::epsilon() whatever the compute dtype.
-LOG_FLOOR = torch.finfo(torch.float32).eps
-
-
-@dataclass
-class FeatureConfig:
-    """Feature settings shared by datasets, inference and tagging.
-
-    ``sample_rate`` is the rate the fbank runs at (inputs at other rates are resampled to it);
-    ``target_length`` is the number of frames after padding/cropping (``None`` keeps every frame);
-    ``norm_mean``/``norm_std`` are the dataset statistics used by :func:`normalize`.
-    """
-
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
-    target_length: Optional[int] = 1024
-    norm_mean: float = AUDIOSET_MEAN
-    norm_std: float = AUDIOSET_STD
-
-    def __post_init__(self) -> None:
-        if self.sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
-        if self.num_mel_bins <= 3:
-            raise ValueError(f"num_mel_bins must be > 3 (Kaldi's limit), got {self.num_mel_bins}")
-        if self.target_length is not None and self.target_length <= 0:
-            raise ValueError(f"target_length must be positive or None, got {self.target_length}")
-        if not self.norm_std > 0:
-            raise ValueError(f"norm_std must be positive, got {self.norm_std}")
-
-    @classmethod
-    def audioset(cls) -> "FeatureConfig":
-        """AudioSet (and pre-training): 1024 frames, AudioSet statistics."""
-        return cls()
-
-    @classmethod
-    def esc50(cls) -> "FeatureConfig":
-        """ESC-50 (5 s clips): 512 frames, ESC-50 statistics."""
-        return cls(target_length=512, norm_mean=ESC50_MEAN, norm_std=ESC50_STD)
-
-    @classmethod
-    def speech_commands(cls) -> "FeatureConfig":
-        """Speech Commands v2 (1 s clips): 128 frames, Speech Commands statistics."""
-        return cls(target_length=128, norm_mean=SPEECHCOMMANDS_MEAN, norm_std=SPEECHCOMMANDS_STD)
-
-
-def frame_geometry(sample_rate: int = 16000) -> tuple[int, int, int]:
-    """Return ``(window, shift, n_fft)`` in samples: 25 ms window, 10 ms shift, FFT size rounded up
-    to a power of two (Kaldi's ``round_to_power_of_two``); 16 kHz gives (400, 160, 512)."""
-    window = int(sample_rate * FRAME_LENGTH_MS // 1000)
-    shift = int(sample_rate * FRAME_SHIFT_MS // 1000)
-    if window < 2 or shift < 1:
-        raise ValueError(f"sample_rate {sample_rate} is too low for a 25 ms / 10 ms frame")
-    n_fft = 1 << (window - 1).bit_length()
-    return window, shift, n_fft
-
-
-def num_frames(num_samples: int, sample_rate: int = 16000) -> int:
-    """Number of Kaldi frames (``snip_edges``: only frames that fit entirely): 10 s -> 998."""
-    window, shift, _ = frame_geometry(sample_rate)
-    if num_samples < window:
-        return 0
-    return 1 + (num_samples - window) // shift
+from eat_fairseq.data.feature_settings import (
+    AUDIOSET_MEAN,
+    AUDIOSET_STD,
+    ESC50_MEAN,
+    ESC50_STD,
+    FRAME_LENGTH_MS,
+    FRAME_SHIFT_MS,
+    LOG_FLOOR,
+    LOW_FREQ,
+    PREEMPHASIS,
+    SPEECHCOMMANDS_MEAN,
+    SPEECHCOMMANDS_STD,
+    FeatureConfig,
+    frame_geometry,
+    num_frames,
+)
 
 
 def frame_counts(lengths: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:

@@ -86,11 +86,12 @@ import torch
 from torch import Tensor
 
 from eat_fairseq.data.audio import AudioError, load_audio, to_mono_16k
-from eat_fairseq.checkpoints.load import CheckpointError
+from eat_fairseq.checkpoints.errors import CheckpointError, ModelLoadError
 from eat_fairseq.model.classifier import EATClassifier
 from eat_fairseq.checkpoints.convert import dig
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
-from eat_fairseq.data.features import FeatureConfig, fbank_of, frame_geometry, num_frames, split_windows
+from eat_fairseq.data.features import FeatureConfig, fbank_of, num_frames, split_windows
+from eat_fairseq.inference.geometry import WindowGeometry
 from eat_fairseq.checkpoints.weights import infer_encoder_config
 
 __all__ = [
@@ -106,10 +107,6 @@ GRANULARITIES = ("utterance", "frame", "all")
 _AGGREGATES = ("mean", "max")
 _PRETRAIN_NAMES = ("eat", "data2vec_multi")
 _CLASSIFIER_NAMES = ("eat_classifier", "mae_image_classification")
-
-
-class ModelLoadError(CheckpointError):
-    """A checkpoint that was read but cannot be turned into a model; the message names the file."""
 
 
 def _read_checkpoint(path: str, trusted: bool) -> dict[str, Any]:
@@ -275,7 +272,7 @@ def load_model(
     )
 
 
-class EATModelHandle:
+class EATModelHandle(WindowGeometry):
     """A loaded EAT model plus its feature settings: :meth:`extract` embeddings, :meth:`predict` tags.
 
     Attributes:
@@ -371,42 +368,6 @@ class EATModelHandle:
     def num_freq_patches(self) -> int:
         """Frequency patches per time patch W (8 for 128 mel bins)."""
         return self.encoder.cfg.grid_w
-
-    @property
-    def patch_seconds(self) -> float:
-        """Hop between consecutive time patches in seconds (16 frames x 10 ms = 0.16 s)."""
-        _, shift, _ = frame_geometry(self.sample_rate)
-        return self.patch_frames * shift / self.sample_rate
-
-    @property
-    def frame_rate(self) -> float:
-        """Frame embeddings (time patches) per second: 6.25."""
-        return 1.0 / self.patch_seconds
-
-    @property
-    def window_seconds(self) -> float:
-        """Audio covered by one full window (1024 frames -> 10.24 s)."""
-        _, shift, _ = frame_geometry(self.sample_rate)
-        return self.window_frames * shift / self.sample_rate
-
-    def num_patches(self, num_samples: int) -> int:
-        """Frame embeddings (time patches) a clip of ``num_samples`` samples at the model rate gets."""
-        return -(-num_frames(num_samples, self.sample_rate) // self.patch_frames)
-
-    def timestamps(self, num_patches: int, num_samples: int | None = None) -> np.ndarray:
-        """Centre (seconds) of each of ``num_patches`` time patches: ``0.16 j + 0.0875``.
-
-        Patch ``j`` spans frames ``16 j .. 16 j + 15``; frame ``i`` covers samples
-        ``[160 i, 160 i + 400)``, so the patch covers ``[0.16 j, 0.16 j + 0.175)`` s. With
-        ``num_samples`` (the clip's length at the model rate) a patch is centred on the frames the
-        clip really has, so the last, partly padded patch stays inside the audio.
-        """
-        window, shift, _ = frame_geometry(self.sample_rate)
-        first = np.arange(num_patches) * self.patch_frames  # first frame of each patch
-        last = first + self.patch_frames - 1
-        if num_samples is not None:
-            last = np.minimum(last, max(num_frames(num_samples, self.sample_rate) - 1, 0))
-        return (first * shift + last * shift + window) / 2.0 / self.sample_rate
 
     # -- audio preparation ------------------------------------------------------------------------
 

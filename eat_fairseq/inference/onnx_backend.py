@@ -1,7 +1,7 @@
 """Run ``.onnx`` files written by ``eat-export`` with onnxruntime, behind the same handle as a ``.pt``.
 
 Most users of an EAT model embed or tag a corpus on CPU servers and laptops, where onnxruntime runs
-the encoder with int8 weights 2.4-3x as fast as PyTorch eager (fp32 about as fast: both are bound
+the encoder with int8 weights 2.5-2.9x as fast as PyTorch eager (fp32 about as fast: both are bound
 by fp32 matrix products; ``benchmarks/extract_throughput.py``). So the ONNX file is one more checkpoint format:
 :func:`eat_fairseq.inference.api.load_model` (and with it ``eat-extract``, ``eat-tag``, the HEAR module
 and ``eat-probe``) returns an :class:`OnnxModelHandle` for it, an
@@ -12,7 +12,10 @@ and ``eat-probe``) returns an :class:`OnnxModelHandle` for it, an
 (CLS first), plus ``logits (batch, C)`` for a fine-tuned model. Everything before (audio decoding,
 resampling, fbank, windowing: :mod:`eat_fairseq.data.features`) and after (pooling into utterance /
 frame / patch embeddings, window weighting, scores) is the handle's own code, shared with the
-``.pt`` path, so there is one feature path and one pooling path whatever runs the encoder.
+``.pt`` path, so there is one feature path and one pooling path whatever runs the encoder. The
+exception is ``eat-extract`` / ``eat-tag`` on the CPU: they run an ``.onnx`` with the torch-free
+:class:`~eat_fairseq.inference.onnx_runner.OnnxRunner` (the same steps in numpy, tested equal), so
+that a run does not pay torch's import time.
 
 **Metadata** (``eat.*`` keys of the model's ``metadata_props``, read here through onnxruntime): the
 model kind, the exported block, the encoder configuration, the feature settings (sample rate,
@@ -29,19 +32,28 @@ whose one-line message says what to install. Nothing here imports onnxruntime at
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from eat_fairseq.data.features import FeatureConfig
 from eat_fairseq.inference.api import EATModelHandle, ModelLoadError
-from eat_fairseq.model.encoder import EncoderConfig
+from eat_fairseq.inference.onnx_format import (
+    FEATURES_NAME,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    INSTALL_HINT,
+    LOGITS_NAME,
+    OnnxMetadata,
+    OnnxUnavailableError,
+    check_exported_layer,
+    import_onnxruntime,
+    is_onnx_path,
+    make_session,
+    open_onnx,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,135 +69,6 @@ __all__ = [
     "make_session",
     "load_onnx",
 ]
-
-FORMAT_VERSION = 1
-"""Version of the ``eat.*`` metadata layout; a file with a newer one is refused, not misread."""
-META_PREFIX = "eat."
-INPUT_NAME = "fbank"
-FEATURES_NAME = "features"
-LOGITS_NAME = "logits"
-INSTALL_HINT = "pip install 'eat_fairseq[onnx]' (or: pip install onnxruntime)"
-KINDS = ("pretrained", "classifier", "encoder")
-
-
-class OnnxUnavailableError(ModelLoadError):
-    """onnxruntime (or onnx, for exporting) is not installed; the message says what to install."""
-
-
-def import_onnxruntime() -> Any:
-    """The ``onnxruntime`` module, or :class:`OnnxUnavailableError` with the install command."""
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise OnnxUnavailableError(
-            f"running .onnx models needs onnxruntime, which is not installed: {INSTALL_HINT}"
-        ) from exc
-    return onnxruntime
-
-
-def is_onnx_path(path: Union[str, "os.PathLike[str]"]) -> bool:
-    """Whether ``path`` names an ONNX file (by its suffix: ONNX files have no magic number)."""
-    return os.fspath(path).lower().endswith(".onnx")
-
-
-@dataclass
-class OnnxMetadata:
-    """What ``eat-export`` records in the file so that it can be used without the checkpoint.
-
-    ``layer`` is the 0-based block whose output ``features`` holds; ``int8_check`` the accuracy of
-    the int8 weights against fp32 measured at export (empty for fp32 files).
-    """
-
-    kind: str
-    layer: int
-    encoder: EncoderConfig
-    features: FeatureConfig
-    labels: list[str] | None = None
-    multi_label: bool | None = None
-    pooling: str | None = None
-    int8: bool = False
-    source: str = ""
-    int8_check: dict[str, Any] = field(default_factory=dict)
-
-    def to_props(self) -> dict[str, str]:
-        """The ``eat.*`` string pairs stored in the model's ``metadata_props``."""
-        props = {
-            "format": str(FORMAT_VERSION),
-            "kind": self.kind,
-            "layer": str(self.layer),
-            "encoder": json.dumps(dataclasses.asdict(self.encoder), sort_keys=True),
-            "features": json.dumps(dataclasses.asdict(self.features), sort_keys=True),
-            "int8": json.dumps(self.int8),
-            "source": self.source,
-        }
-        if self.labels is not None:
-            props["labels"] = json.dumps(self.labels, ensure_ascii=False)
-            props["multi_label"] = json.dumps(bool(self.multi_label))
-            props["pooling"] = str(self.pooling or "cls")
-        if self.int8_check:
-            props["int8_check"] = json.dumps(self.int8_check, sort_keys=True)
-        return {META_PREFIX + k: v for k, v in props.items()}
-
-    @classmethod
-    def from_props(cls, props: Mapping[str, str], path: str) -> "OnnxMetadata":
-        """Parse the ``eat.*`` pairs; a :class:`ModelLoadError` naming ``path`` when they are missing or bad."""
-        own = {k[len(META_PREFIX) :]: v for k, v in props.items() if k.startswith(META_PREFIX)}
-        if "format" not in own:
-            raise ModelLoadError(f"{path}: an ONNX file without EAT metadata; write it with eat-export")
-        try:
-            version = int(own["format"])
-            if version > FORMAT_VERSION:
-                raise ModelLoadError(
-                    f"{path}: written by a newer eat-export (metadata format {version}, this version reads "
-                    f"{FORMAT_VERSION}); upgrade eat_fairseq"
-                )
-            kind = own["kind"]
-            if kind not in KINDS:
-                raise ValueError(f"unknown model kind {kind!r}")
-            enc = EncoderConfig(**json.loads(own["encoder"]))
-            feat = FeatureConfig(**json.loads(own["features"]))
-            labels = json.loads(own["labels"]) if "labels" in own else None
-            if kind == "classifier" and not labels:
-                raise ValueError("a classifier without labels")
-            meta = cls(
-                kind=kind,
-                layer=int(own["layer"]),
-                encoder=enc,
-                features=feat,
-                labels=[str(label) for label in labels] if labels is not None else None,
-                multi_label=bool(json.loads(own["multi_label"])) if labels is not None else None,
-                pooling=own.get("pooling"),
-                int8=bool(json.loads(own.get("int8", "false"))),
-                source=own.get("source", ""),
-                int8_check=json.loads(own["int8_check"]) if "int8_check" in own else {},
-            )
-        except ModelLoadError:
-            raise
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelLoadError(f"{path}: unusable EAT metadata ({type(exc).__name__}: {exc})") from exc
-        if not 0 <= meta.layer < enc.depth:
-            raise ModelLoadError(f"{path}: metadata names block {meta.layer} of a {enc.depth}-block encoder")
-        return meta
-
-
-def make_session(path: str, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default: torch's count).
-
-    One thread pool, run sequentially, all graph optimisations on; warnings of the runtime are not
-    printed (it warns about unused initialisers of quantised graphs, which is noise to a user).
-    """
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise ModelLoadError(f"{path}: onnxruntime cannot load it: {text}") from exc
 
 
 class _MissingBlock:
@@ -230,16 +113,7 @@ class OnnxEncoder(nn.Module):
 
     def check_layer(self, layer: int | None) -> None:
         """``ValueError`` unless ``layer`` (None: the exported one) is the exported block."""
-        depth = self.cfg.depth
-        if layer is None:
-            return
-        if not -depth <= layer < depth:
-            raise ValueError(f"layer must be in [-{depth}, {depth - 1}], got {layer}")
-        if layer % depth != self.layer:
-            raise ValueError(
-                f"this .onnx file holds block {self.layer} only, not {layer}; "
-                f"export another with eat-export --layer {layer}"
-            )
+        check_exported_layer(layer, self.cfg.depth, self.layer)
 
     def run(self, fbank: Tensor, names: tuple[str, ...]) -> list[Tensor]:
         """Outputs ``names`` of the session for normalised windows ``fbank`` ``(B, T, F)`` or ``(B, 1, T, F)``."""
@@ -360,16 +234,5 @@ def load_onnx(
     name = os.fspath(path)
     if torch.device(device).type != "cpu":
         raise ModelLoadError(f"{name}: .onnx models run on the CPU (onnxruntime); use the .pt checkpoint on {device}")
-    import_onnxruntime()
-    if not os.path.exists(name):
-        raise ModelLoadError(f"{name}: no such file")
-    if not os.path.isfile(name):
-        raise ModelLoadError(f"{name}: not a regular file")
-    session = make_session(name, threads)
-    meta = OnnxMetadata.from_props(session.get_modelmeta().custom_metadata_map, name)
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = {o.name for o in session.get_outputs()}
-    wanted = {FEATURES_NAME} | ({LOGITS_NAME} if meta.kind == "classifier" else set())
-    if inputs != [INPUT_NAME] or not wanted <= outputs:
-        raise ModelLoadError(f"{name}: the graph's inputs {inputs} / outputs {sorted(outputs)} are not eat-export's")
+    session, meta = open_onnx(name, threads or torch.get_num_threads())
     return OnnxModelHandle(name, session, meta, batch_size=batch_size)

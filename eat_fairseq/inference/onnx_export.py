@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from eat_fairseq.inference.api import EATModelHandle
-from eat_fairseq.inference.onnx_backend import (
+from eat_fairseq.inference.onnx_format import (
     FEATURES_NAME,
     INPUT_NAME,
     INSTALL_HINT,

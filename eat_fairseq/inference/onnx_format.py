@@ -1,0 +1,212 @@
+"""The ``.onnx`` format of ``eat-export`` and its onnxruntime session, without torch.
+
+Shared by the torch handle (:mod:`eat_fairseq.inference.onnx_backend`) and the torch-free runner
+(:mod:`eat_fairseq.inference.onnx_runner`): the graph's input and output names, the ``eat.*``
+metadata (:class:`OnnxMetadata`), the session options, and the checks that a file is eat-export's
+(:func:`open_onnx`). Nothing here imports torch or, at module level, onnxruntime.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from eat_fairseq.checkpoints.errors import ModelLoadError
+from eat_fairseq.data.feature_settings import FeatureConfig
+from eat_fairseq.model.config import EncoderConfig
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INPUT_NAME",
+    "FEATURES_NAME",
+    "LOGITS_NAME",
+    "INSTALL_HINT",
+    "OnnxMetadata",
+    "OnnxUnavailableError",
+    "check_exported_layer",
+    "default_threads",
+    "import_onnxruntime",
+    "is_onnx_path",
+    "make_session",
+    "open_onnx",
+]
+
+FORMAT_VERSION = 1
+"""Version of the ``eat.*`` metadata layout; a file with a newer one is refused, not misread."""
+META_PREFIX = "eat."
+INPUT_NAME = "fbank"
+FEATURES_NAME = "features"
+LOGITS_NAME = "logits"
+INSTALL_HINT = "pip install 'eat_fairseq[onnx]' (or: pip install onnxruntime)"
+KINDS = ("pretrained", "classifier", "encoder")
+
+
+class OnnxUnavailableError(ModelLoadError):
+    """onnxruntime (or onnx, for exporting) is not installed; the message says what to install."""
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or :class:`OnnxUnavailableError` with the install command."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise OnnxUnavailableError(
+            f"running .onnx models needs onnxruntime, which is not installed: {INSTALL_HINT}"
+        ) from exc
+    return onnxruntime
+
+
+def is_onnx_path(path: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether ``path`` names an ONNX file (by its suffix: ONNX files have no magic number)."""
+    return os.fspath(path).lower().endswith(".onnx")
+
+
+@dataclass
+class OnnxMetadata:
+    """What ``eat-export`` records in the file so that it can be used without the checkpoint.
+
+    ``layer`` is the 0-based block whose output ``features`` holds; ``int8_check`` the accuracy of
+    the int8 weights against fp32 measured at export (empty for fp32 files).
+    """
+
+    kind: str
+    layer: int
+    encoder: EncoderConfig
+    features: FeatureConfig
+    labels: list[str] | None = None
+    multi_label: bool | None = None
+    pooling: str | None = None
+    int8: bool = False
+    source: str = ""
+    int8_check: dict[str, Any] = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        """The ``eat.*`` string pairs stored in the model's ``metadata_props``."""
+        props = {
+            "format": str(FORMAT_VERSION),
+            "kind": self.kind,
+            "layer": str(self.layer),
+            "encoder": json.dumps(dataclasses.asdict(self.encoder), sort_keys=True),
+            "features": json.dumps(dataclasses.asdict(self.features), sort_keys=True),
+            "int8": json.dumps(self.int8),
+            "source": self.source,
+        }
+        if self.labels is not None:
+            props["labels"] = json.dumps(self.labels, ensure_ascii=False)
+            props["multi_label"] = json.dumps(bool(self.multi_label))
+            props["pooling"] = str(self.pooling or "cls")
+        if self.int8_check:
+            props["int8_check"] = json.dumps(self.int8_check, sort_keys=True)
+        return {META_PREFIX + k: v for k, v in props.items()}
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], path: str) -> "OnnxMetadata":
+        """Parse the ``eat.*`` pairs; a :class:`ModelLoadError` naming ``path`` when they are missing or bad."""
+        own = {k[len(META_PREFIX) :]: v for k, v in props.items() if k.startswith(META_PREFIX)}
+        if "format" not in own:
+            raise ModelLoadError(f"{path}: an ONNX file without EAT metadata; write it with eat-export")
+        try:
+            version = int(own["format"])
+            if version > FORMAT_VERSION:
+                raise ModelLoadError(
+                    f"{path}: written by a newer eat-export (metadata format {version}, this version reads "
+                    f"{FORMAT_VERSION}); upgrade eat_fairseq"
+                )
+            kind = own["kind"]
+            if kind not in KINDS:
+                raise ValueError(f"unknown model kind {kind!r}")
+            enc = EncoderConfig(**json.loads(own["encoder"]))
+            feat = FeatureConfig(**json.loads(own["features"]))
+            labels = json.loads(own["labels"]) if "labels" in own else None
+            if kind == "classifier" and not labels:
+                raise ValueError("a classifier without labels")
+            meta = cls(
+                kind=kind,
+                layer=int(own["layer"]),
+                encoder=enc,
+                features=feat,
+                labels=[str(label) for label in labels] if labels is not None else None,
+                multi_label=bool(json.loads(own["multi_label"])) if labels is not None else None,
+                pooling=own.get("pooling"),
+                int8=bool(json.loads(own.get("int8", "false"))),
+                source=own.get("source", ""),
+                int8_check=json.loads(own["int8_check"]) if "int8_check" in own else {},
+            )
+        except ModelLoadError:
+            raise
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: unusable EAT metadata ({type(exc).__name__}: {exc})") from exc
+        if not 0 <= meta.layer < enc.depth:
+            raise ModelLoadError(f"{path}: metadata names block {meta.layer} of a {enc.depth}-block encoder")
+        return meta
+
+
+def make_session(path: str, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default:
+    :func:`default_threads`).
+
+    One thread pool, run sequentially, all graph optimisations on; warnings of the runtime are not
+    printed (it warns about unused initialisers of quantised graphs, which is noise to a user).
+    """
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or default_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it: {text}") from exc
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are given: torch's count when torch is already loaded (so one
+    setting governs the fbank and the encoder), else ``$OMP_NUM_THREADS``, else one per core."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def open_onnx(path: Union[str, "os.PathLike[str]"], threads: int | None = None) -> tuple[Any, OnnxMetadata]:
+    """``(session, metadata)`` of an eat-export file, checked: :class:`OnnxUnavailableError` without
+    onnxruntime, :class:`ModelLoadError` naming the file when it is missing, not ONNX, or not
+    written by eat-export."""
+    name = os.fspath(path)
+    import_onnxruntime()
+    if not os.path.exists(name):
+        raise ModelLoadError(f"{name}: no such file")
+    if not os.path.isfile(name):
+        raise ModelLoadError(f"{name}: not a regular file")
+    session = make_session(name, threads)
+    meta = OnnxMetadata.from_props(session.get_modelmeta().custom_metadata_map, name)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = {o.name for o in session.get_outputs()}
+    wanted = {FEATURES_NAME} | ({LOGITS_NAME} if meta.kind == "classifier" else set())
+    if inputs != [INPUT_NAME] or not wanted <= outputs:
+        raise ModelLoadError(f"{name}: the graph's inputs {inputs} / outputs {sorted(outputs)} are not eat-export's")
+    return session, meta
+
+
+def check_exported_layer(layer: int | None, depth: int, exported: int) -> None:
+    """``ValueError`` unless ``layer`` (None: the exported one; negative from the end) is the block
+    ``exported`` of a ``depth``-block encoder, the one block an eat-export file holds."""
+    if layer is None:
+        return
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer must be in [-{depth}, {depth - 1}], got {layer}")
+    if layer % depth != exported:
+        raise ValueError(
+            f"this .onnx file holds block {exported} only, not {layer}; export another with eat-export --layer {layer}"
+        )
