@@ -48,7 +48,6 @@ from eat_fairseq.data.feature_settings import (
     AUDIOSET_STD,
     ESC50_MEAN,
     ESC50_STD,
-    FRAME_LENGTH_MS,
     FRAME_SHIFT_MS,
     LOG_FLOOR,
     LOW_FREQ,
