@@ -1,7 +1,8 @@
 """The checkpoint errors, without torch: the torch-free ONNX runner raises them too.
 
-:mod:`eat_fairseq.checkpoints.load` and :mod:`eat_fairseq.inference.api` re-export them, so
-``except CheckpointError`` catches a bad ``.pt`` and a bad ``.onnx`` alike.
+:mod:`eat_fairseq.checkpoints.load` re-exports ``CheckpointError`` and ``UnsafeCheckpointError``,
+:mod:`eat_fairseq.inference.api` ``CheckpointError`` and ``ModelLoadError``; ``except CheckpointError``
+catches a bad ``.pt`` and a bad ``.onnx`` alike.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import sys
 from typing import Optional
 
 THREADS_HELP = (
-    "torch CPU threads (default: $OMP_NUM_THREADS when set, else torch's default of one per core); "
+    "CPU threads of torch and of onnxruntime for .onnx models (default: $OMP_NUM_THREADS when set, "
+    "else one per physical core); "
     "on a machine shared with other jobs, 1-2 is often several times faster"
 )
 

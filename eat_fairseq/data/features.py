@@ -48,6 +48,7 @@ from eat_fairseq.data.feature_settings import (
     AUDIOSET_STD,
     ESC50_MEAN,
     ESC50_STD,
+    FRAME_LENGTH_MS,  # noqa: F401  (re-exported: it used to be defined here)
     FRAME_SHIFT_MS,
     LOG_FLOOR,
     LOW_FREQ,

@@ -86,7 +86,7 @@ import torch
 from torch import Tensor
 
 from eat_fairseq.data.audio import AudioError, load_audio, to_mono_16k
-from eat_fairseq.checkpoints.errors import ModelLoadError
+from eat_fairseq.checkpoints.errors import CheckpointError, ModelLoadError  # noqa: F401  (CheckpointError re-exported)
 from eat_fairseq.model.classifier import EATClassifier
 from eat_fairseq.checkpoints.convert import dig
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig

@@ -153,7 +153,7 @@ def make_session(path: str, threads: int | None = None) -> Any:
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or default_threads())
+    options.intra_op_num_threads = int(threads or default_threads())  # 0: onnxruntime's default
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -167,7 +167,8 @@ def make_session(path: str, threads: int | None = None) -> Any:
 
 def default_threads() -> int:
     """Intra-op threads when none are given: torch's count when torch is already loaded (so one
-    setting governs the fbank and the encoder), else ``$OMP_NUM_THREADS``, else one per core."""
+    setting governs the fbank and the encoder), else ``$OMP_NUM_THREADS``, else 0, which lets
+    onnxruntime choose (one per physical core, as torch's default)."""
     import sys
 
     torch = sys.modules.get("torch")
@@ -176,7 +177,7 @@ def default_threads() -> int:
     value = os.environ.get("OMP_NUM_THREADS", "")
     if value.strip().isdigit() and int(value) > 0:
         return int(value)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return 0
 
 
 def open_onnx(path: Union[str, "os.PathLike[str]"], threads: int | None = None) -> tuple[Any, OnnxMetadata]:

@@ -58,7 +58,9 @@ class OnnxRunner(WindowGeometry):
     torch handle of the same file or of its ``.pt``.
     """
 
-    def __init__(self, path: str, session: Any, meta: OnnxMetadata, batch_size: int = 8) -> None:
+    def __init__(
+        self, path: str, session: Any, meta: OnnxMetadata, batch_size: int = 8, threads: int | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         enc, feat = meta.encoder, meta.features
@@ -73,6 +75,7 @@ class OnnxRunner(WindowGeometry):
         self.multi_label = meta.multi_label
         self.batch_size = batch_size
         self.source = path
+        self.threads = threads  # also torch's, should a clip need its resampler
 
     def __repr__(self) -> str:
         cfg = self.metadata.encoder
@@ -155,6 +158,9 @@ class OnnxRunner(WindowGeometry):
 
         from eat_fairseq.data.audio import to_mono_16k
 
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+
         return to_mono_16k(torch.from_numpy(np.ascontiguousarray(mono)), sr, self.sample_rate).numpy()
 
     def _prepare_all(self, audio: Any, sample_rate: int | None) -> tuple[list[np.ndarray], bool]:
@@ -218,7 +224,7 @@ class OnnxRunner(WindowGeometry):
 
     def predict_scores(self, audio: Any, sample_rate: int | None = None, aggregate: str = "mean") -> Any:
         """Class scores ``(C,)`` of one clip or a list, as :meth:`EATModelHandle.predict_scores` gives them."""
-        if self.labels is None:
+        if self.kind != "classifier" or self.labels is None:
             raise ValueError(
                 f"{self.source} is a {self.kind} model without a classification head; "
                 "tagging needs a fine-tuned checkpoint (use extract() for embeddings)"
@@ -255,4 +261,4 @@ def load_runner(path: Union[str, "os.PathLike[str]"], batch_size: int = 8, threa
     :func:`eat_fairseq.inference.onnx_format.default_threads`); errors as :func:`open_onnx` raises them."""
     name = os.fspath(path)
     session, meta = open_onnx(name, threads)
-    return OnnxRunner(name, session, meta, batch_size=batch_size)
+    return OnnxRunner(name, session, meta, batch_size=batch_size, threads=threads)

@@ -200,3 +200,15 @@ def test_eat_extract_and_eat_tag_on_onnx_do_not_import_torch(models: dict, tmp_p
     with np.load(tmp_path / "out" / "c1.npz") as got:
         want = load_model(models["pre"]).extract(str(folder / "c1.wav"), granularity="all")
         assert all(close(got[k], want[k]) for k in want)
+
+
+def test_threads_reach_the_session_and_the_resampler(models: dict) -> None:
+    runner = load_runner(models["pre"], threads=1)
+    assert runner.session.get_session_options().intra_op_num_threads == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runner.extract(tone(1.0, sr=8000, seed=13), sample_rate=8000)  # resampled by torch
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
