@@ -270,6 +270,14 @@ def report_errors(errors: list[tuple[str, str]], out_dir: Optional[Path], total:
         print(f"{prog}: the list is in {path}", file=sys.stderr)
 
 
+def runs_without_torch(args: argparse.Namespace) -> bool:
+    """Whether the model is an ``.onnx`` for the torch-free runner (on the CPU, not ``--use-teacher``,
+    which only ``load_model`` can refuse with its own message)."""
+    from eat_fairseq.inference.onnx_format import is_onnx_path
+
+    return is_onnx_path(args.checkpoint) and args.device == "cpu" and not getattr(args, "use_teacher", False)
+
+
 def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["Model"]:
     """The model, or None after printing why it cannot be used (the device was checked before).
 
@@ -278,10 +286,9 @@ def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["Model"]:
     other checkpoint :func:`eat_fairseq.inference.api.load_model`'s handle.
     """
     from eat_fairseq.checkpoints.errors import CheckpointError
-    from eat_fairseq.inference.onnx_format import is_onnx_path
 
     try:
-        if is_onnx_path(args.checkpoint) and args.device == "cpu" and not getattr(args, "use_teacher", False):
+        if runs_without_torch(args):
             from eat_fairseq.inference.onnx_runner import load_runner
 
             return load_runner(args.checkpoint, batch_size=args.batch_size, threads=args.threads)
@@ -324,9 +331,7 @@ def check_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(problem)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    from eat_fairseq.inference.onnx_format import is_onnx_path
-
-    if not (is_onnx_path(args.checkpoint) and args.device == "cpu"):
+    if not runs_without_torch(args):
         apply_threads(parser, args.threads)  # the torch-free ONNX runner takes them at load_for_cli
 
 

@@ -70,8 +70,8 @@ def fbank_numpy(wave: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     frames = frames - frames.mean(axis=-1, keepdims=True, dtype=np.float32)
     previous = np.concatenate((frames[:, :1], frames[:, :-1]), axis=-1)  # x[max(0, j - 1)]
     frames = (frames - np.float32(PREEMPHASIS) * previous) * _hann(window)
-    power = np.abs(np.fft.rfft(frames, n=n_fft).astype(np.complex64)) ** 2  # (T, n_fft // 2 + 1)
-    mel = power.astype(np.float32) @ mel_filterbank_numpy(cfg.num_mel_bins, cfg.sample_rate)
+    power = np.abs(np.fft.rfft(frames, n=n_fft)) ** 2  # (T, n_fft // 2 + 1); float32 input stays float32
+    mel = power.astype(np.float32, copy=False) @ mel_filterbank_numpy(cfg.num_mel_bins, cfg.sample_rate)
     return np.log(np.maximum(mel, np.float32(LOG_FLOOR)))
 
 

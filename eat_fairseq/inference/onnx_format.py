@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -169,8 +170,6 @@ def default_threads() -> int:
     """Intra-op threads when none are given: torch's count when torch is already loaded (so one
     setting governs the fbank and the encoder), else ``$OMP_NUM_THREADS``, else 0, which lets
     onnxruntime choose (one per physical core, as torch's default)."""
-    import sys
-
     torch = sys.modules.get("torch")
     if torch is not None:
         return int(torch.get_num_threads())
