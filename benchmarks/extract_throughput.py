@@ -3,7 +3,9 @@
 For each model size (random weights built from the project's own configs, so nothing is downloaded)
 the script writes a checkpoint, exports it with ``eat-export`` (fp32 and ``--int8``), writes
 ``--clips`` WAV files of ``--seconds`` (generated test signals) and measures, for every backend
-(``torch`` = the .pt, ``onnx-fp32``, ``onnx-int8``) and every thread count:
+(``torch`` = the .pt, ``onnx-fp32``, ``onnx-int8``; with ``--backends`` also ``onnx-fp32-portable`` and
+``onnx-int8-portable``, exported with standard ONNX attention, and ``onnx-int8-cls``, with the CLS
+token's products quantised too) and every thread count:
 
 - **end to end**: ``eat-extract`` run as a user runs it (a fresh process: start-up, model loading,
   decoding, fbank, encoder, writing), clips/s over the wall time;
@@ -51,7 +53,15 @@ from eat_fairseq.inference.api import load_model
 from eat_fairseq.inference.onnx_export import check_waves
 from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
-BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8", "onnx-int8-cls", "onnx-fp32-portable", "onnx-int8-portable")
+DEFAULT_BACKENDS = BACKENDS[:3]
+EXPORT_FLAGS = {  # eat-export flags of each ONNX backend
+    "onnx-fp32": [],
+    "onnx-int8": ["--int8"],
+    "onnx-int8-cls": ["--int8", "--int8-cls"],
+    "onnx-fp32-portable": ["--portable"],
+    "onnx-int8-portable": ["--int8", "--portable"],
+}
 SIZES = {"tiny": PretrainConfig.tiny, "base": PretrainConfig.base, "large": PretrainConfig.large}
 
 
@@ -108,11 +118,17 @@ def random_checkpoint(path: Path, size: str) -> None:
     gc.collect()
 
 
-def export_all(checkpoint: Path, folder: Path, threads: int) -> tuple[dict[str, Path], list[str]]:
-    """``{backend: model file}`` for the three backends, and what eat-export printed for int8."""
+def export_all(
+    checkpoint: Path, folder: Path, threads: int, backends: tuple[str, ...] = DEFAULT_BACKENDS
+) -> tuple[dict[str, Path], list[str]]:
+    """``{backend: model file}`` for ``backends`` (``torch`` is the checkpoint itself), and what
+    eat-export printed."""
     files = {"torch": checkpoint}
     printed: list[str] = []
-    for backend, extra in (("onnx-fp32", []), ("onnx-int8", ["--int8"])):
+    for backend in backends:
+        if backend == "torch":
+            continue
+        extra = EXPORT_FLAGS[backend]
         out = folder / f"{checkpoint.stem}.{backend}.onnx"
         _, stdout = run_cli(
             "eat_fairseq.cli.export", [str(checkpoint), str(out), "--force", "--threads", str(threads), *extra], threads
@@ -159,7 +175,7 @@ def throughput(
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / f"eat_{size}_random.pt"
     random_checkpoint(checkpoint, size)
-    files, export_lines = export_all(checkpoint, folder, max(thread_counts))
+    files, export_lines = export_all(checkpoint, folder, max(thread_counts), tuple(args.backends))
     clips = write_clips(folder / "audio", args.clips, args.seconds)
     short = write_clips(folder / "short", 1, 0.5)
     waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in clips]
@@ -287,7 +303,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run every measurement the arguments ask for and print the tables (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=tuple(SIZES), default=["base", "large"])
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, default=list(DEFAULT_BACKENDS),
+        help="what to run; the -portable files use standard ONNX attention (eat-export --portable)",
+    )
     parser.add_argument("--threads", nargs="+", default=["1", "all"], help="thread counts; 'all' = every core")
     parser.add_argument("--clips", type=int, default=12, help="clips per end-to-end run")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
@@ -336,14 +355,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         report: dict[str, Any] = {"machine": header, "rows": [asdict(r) for r in rows], "exports": exports}
         if args.fsdd:
             if args.probe_checkpoint:
-                probe_files, lines = export_all(Path(args.probe_checkpoint), work, max(thread_counts))
+                probe_files, lines = export_all(
+                    Path(args.probe_checkpoint), work, max(thread_counts), tuple(args.backends)
+                )
                 probe_files["torch"] = Path(args.probe_checkpoint)
             elif not probe_files:
                 folder = work / args.probe_size
                 folder.mkdir(parents=True, exist_ok=True)
                 checkpoint = folder / f"eat_{args.probe_size}_random.pt"
                 random_checkpoint(checkpoint, args.probe_size)
-                probe_files, _ = export_all(checkpoint, folder, max(thread_counts))
+                probe_files, _ = export_all(checkpoint, folder, max(thread_counts), tuple(args.backends))
             what = args.probe_checkpoint or f"EAT-{args.probe_size} random weights"
             text, result = probe(args, work, probe_files, max(thread_counts))
             print(

@@ -1,7 +1,8 @@
 """``eat-export``: an EAT checkpoint as an ONNX file that eat-extract, eat-tag, load_model and HEAR run.
 
-    eat-export CHECKPOINT OUT.onnx [--int8] [--layer N] [--use-teacher] [--check-audio FILE ...]
-               [--batch-size B] [--threads N] [--trust-checkpoint] [--force]
+    eat-export CHECKPOINT OUT.onnx [--int8] [--fp32-blocks N] [--int8-cls] [--portable] [--layer N]
+               [--use-teacher] [--check-audio FILE ...] [--batch-size B] [--threads N] [--trust-checkpoint]
+               [--force]
 
 CHECKPOINT is anything ``load_model`` reads: our pre-training or fine-tuned checkpoints, converted
 files, the released ``.pt`` and the Hugging Face ``.safetensors``. The file holds the encoder from
@@ -9,8 +10,11 @@ normalised fbank windows (dynamic batch and length) to the tokens of one block (
 the last), plus the head of a fine-tuned model, and in its metadata the feature settings and labels:
 it is all eat-extract / eat-tag need. One file serves every ``--granularity`` of eat-extract (the
 pooling is done outside the graph). ``--int8`` quantises the weight matrices with onnxruntime
-(per-channel dynamic quantisation) and prints what that costs against fp32 on a few windows:
-``--check-audio`` names clips to measure on (default: generated test signals).
+(per-channel dynamic quantisation; the CLS token's products stay float unless ``--int8-cls``) and
+prints what that costs against fp32 on a few windows: ``--check-audio`` names clips to measure on
+(default: generated test signals). The attention is
+written as onnxruntime's fused ``MultiHeadAttention`` (faster); ``--portable`` writes standard ONNX
+ops only, for other runtimes.
 
 Needs ``pip install 'eat_fairseq[onnx]'`` (onnx and onnxruntime). Exit status: 0 written, 1 the
 checkpoint cannot be used or the export failed, 2 bad arguments or OUT exists (without ``--force``).
@@ -53,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="with --int8: keep the weights of the last N exported blocks in fp32 (closer to fp32, a little slower)",
+    )
+    parser.add_argument(
+        "--int8-cls",
+        action="store_true",
+        help="with --int8: quantise the CLS token's products too (a little faster; by default they stay float, "
+        "which keeps the utterance embedding close to fp32)",
+    )
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="standard ONNX ops only (attention as MatMul/Softmax), for runtimes other than onnxruntime; "
+        "default: onnxruntime's fused MultiHeadAttention (faster)",
     )
     parser.add_argument(
         "--layer",
@@ -122,6 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(prog, f"--layer: {exc}", 2)
     if args.fp32_blocks and not args.int8:
         return fail(prog, "--fp32-blocks goes with --int8", 2)
+    if args.int8_cls and not args.int8:
+        return fail(prog, "--int8-cls goes with --int8", 2)
     check = None
     if args.check_audio:
         try:
@@ -131,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{prog}: exporting {handle!r}", file=sys.stderr)
     try:
         report = export_onnx(handle, args.out, layer=args.layer, int8=args.int8, check=check,
-                             fp32_blocks=args.fp32_blocks)
+                             fp32_blocks=args.fp32_blocks, portable=args.portable,
+                             int8_cls=args.int8_cls)
     except (RuntimeError, ValueError, OSError) as exc:
         return fail(prog, f"export failed: {one_line(exc)}", 1)
     for line in report.lines():

@@ -175,6 +175,72 @@ def test_foreign_and_broken_files(tmp_path: Path) -> None:
         load_model(tmp_path / "missing.onnx")
 
 
+def test_attention_is_fused_unless_portable(files: dict, tmp_path: Path) -> None:
+    """Default: one onnxruntime MultiHeadAttention node per block, no Softmax; --portable: standard ops
+    only. Both give the .pt's outputs; the export leaves the model's own forward as it was."""
+    import onnx
+
+    handle = load_model(files["pre.pt"])
+    portable = export_onnx(handle, tmp_path / "portable.onnx", portable=True)
+    fused_ops = [n.op_type for n in onnx.load(str(files["pre.onnx"])).graph.node]
+    plain = onnx.load(str(tmp_path / "portable.onnx")).graph.node
+    assert fused_ops.count("MultiHeadAttention") == handle.num_layers and "Softmax" not in fused_ops
+    assert [n.op_type for n in plain].count("Softmax") == handle.num_layers
+    assert all(n.domain in ("", "ai.onnx") for n in plain)
+    assert portable.portable and "standard ONNX ops" in "\n".join(portable.lines())
+    assert not files["reports"]["pre.onnx"].portable
+    x = clips()
+    want = load_model(files["pre.pt"]).extract(x, granularity="frame")
+    for path in (files["pre.onnx"], tmp_path / "portable.onnx"):
+        for got, ref in zip(load_model(path).extract(x, granularity="frame"), want):
+            assert_close(got, ref)
+    assert all("forward" not in vars(m) for m in handle.encoder.modules())
+
+
+def test_cls_token_apart_computes_the_same(files: dict) -> None:
+    """The int8 export's block forward (CLS row projected apart, keys and values joined) is the
+    encoder's computation, plain and fused; the model is as before afterwards."""
+    from eat_fairseq.inference.onnx_export import ExportGraph, _export_forwards
+
+    handle = load_model(files["pre.pt"])
+    graph = ExportGraph(handle, handle.num_layers - 1).eval()
+    fbank = torch.randn(2, 2 * WINDOW, 128)
+    with torch.no_grad():
+        want = graph(fbank)
+        for fused in (False, True):
+            with _export_forwards(graph, fused=fused, cls_apart=range(handle.num_layers)):
+                got = graph(fbank)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph(fbank), want, rtol=0, atol=0)
+    assert all("forward" not in vars(m) and not hasattr(m, "cls_path") for m in handle.encoder.modules())
+
+
+def test_int8_cls_products_stay_float_from_the_int8_weights(files: dict, tmp_path: Path) -> None:
+    """Default int8: the CLS row's four products per block are float MatMuls of the patch rows' int8
+    weights dequantised (no second copy of the weights); --int8-cls quantises them as well."""
+    import onnx
+
+    depth = files["reports"]["pre.onnx"].depth
+    default = onnx.load(str(files["pre_int8.onnx"]))
+    report = export_onnx(load_model(files["pre.pt"]), tmp_path / "all.onnx", int8=True, int8_cls=True)
+    everything = onnx.load(str(tmp_path / "all.onnx"))
+    ops = [n.op_type for n in default.graph.node]
+    assert ops.count("DequantizeLinear") == 4 * depth and ops.count("MatMul") == 4 * depth
+    assert "DequantizeLinear" not in [n.op_type for n in everything.graph.node]
+    assert not any("cls_path" in i.name for i in default.graph.initializer)  # the float copies are gone
+
+    def weight_bytes(model: "onnx.ModelProto") -> int:
+        return sum(i.ByteSize() for i in model.graph.initializer)
+
+    assert weight_bytes(default) < 1.01 * weight_bytes(everything)
+    assert report.int8_check["int8_cls"] and not files["reports"]["pre_int8.onnx"].int8_check["int8_cls"]
+    assert "CLS token's products in float" in "\n".join(files["reports"]["pre_int8.onnx"].lines())
+    fp = load_model(files["pre.onnx"]).extract(clips())
+    for path in (files["pre_int8.onnx"], tmp_path / "all.onnx"):
+        for a, b in zip(load_model(path).extract(clips()), fp):
+            assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
 def test_int8_export_and_its_cost(files: dict) -> None:
     report: ExportReport = files["reports"]["pre_int8.onnx"]
     cost = report.int8_check
@@ -207,6 +273,8 @@ def test_int8_keeps_the_last_blocks_fp32_when_asked(files: dict, tmp_path: Path,
         export_onnx(load_model(files["pre.pt"]), tmp_path / "k9.onnx", int8=True, fp32_blocks=depth + 1)
     assert export_main([str(files["pre.pt"]), str(tmp_path / "k2.onnx"), "--fp32-blocks", "1"]) == 2
     assert "--int8" in capsys.readouterr().err
+    assert export_main([str(files["pre.pt"]), str(tmp_path / "k3.onnx"), "--int8-cls"]) == 2
+    assert "--int8-cls goes with --int8" in capsys.readouterr().err
 
 
 def test_hear_accepts_onnx(files: dict) -> None:
