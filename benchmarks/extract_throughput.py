@@ -246,7 +246,7 @@ def table(rows: list[Row]) -> str:
 
 
 def probe(args: argparse.Namespace, work: Path, files: dict[str, Path], threads: int) -> tuple[str, dict[str, Any]]:
-    """eat-probe on FSDD (one split per speaker, leave-one-speaker-out) for the three backends."""
+    """eat-probe on FSDD (one split per speaker, leave-one-speaker-out) for the .pt and its exports."""
     data = work / "fsdd_speakers"
     run_cli(
         "eat_fairseq.prep.fsdd",

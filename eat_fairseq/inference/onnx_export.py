@@ -33,7 +33,7 @@ lost 5.7 points (30.2 -> 24.5); weights rounded to int8 with float activations c
 default each block projects the CLS row apart from the patch rows (:func:`_cls_apart_forward`, the
 same computation) with float products of the *same* int8 weights dequantised (``DequantizeLinear``;
 no second copy in the file; onnxruntime folds them once at load, see ``onnx_format.make_session``):
-CLS error 0.022 of the variation, probe 28.3 (30.0 with the fp32 model's regularisation per fold).
+CLS error 0.022 of the variation, probe 28.7 (30.0 with the fp32 model's regularisation per fold).
 Cost, one thread: about 5% of encoder speed, 0.5 s of start-up and ~350 MB of memory for EAT-base
 (8%, 1.7 s and 1.2 GB for EAT-large). ``int8_cls=True`` (``eat-export --int8-cls``) quantises the CLS row with the rest.
 
@@ -46,6 +46,7 @@ classifier, how often the top class agrees). The int8 numbers are stored in the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -65,7 +66,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eat_fairseq.inference.api import EATModelHandle
-from eat_fairseq.model.encoder import Attention, Block
 from eat_fairseq.inference.onnx_format import (
     FEATURES_NAME,
     INPUT_NAME,
@@ -77,6 +77,7 @@ from eat_fairseq.inference.onnx_format import (
     import_onnxruntime,
     make_session,
 )
+from eat_fairseq.model.encoder import Attention, Block
 
 __all__ = ["DEFAULT_OPSET", "ExportReport", "ExportGraph", "check_waves", "export_onnx", "require_export_packages"]
 
@@ -161,6 +162,7 @@ class _MultiHeadAttention(torch.autograd.Function):
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, num_heads: int, fused: bool) -> Tensor:
+    """Attention as one onnxruntime node in the export (``fused``) or as standard ops."""
     return _MultiHeadAttention.apply(q, k, v, num_heads) if fused else _attend_plain(q, k, v, num_heads)
 
 
@@ -202,28 +204,31 @@ def _export_forwards(graph: "ExportGraph", fused: bool, cls_apart: Sequence[int]
     """For the export only: every :class:`Attention` through :func:`_fused_forward` (``fused``), and
     the blocks in ``cls_apart`` through :func:`_cls_apart_forward` with fresh weight copies. The
     modules' own ``forward`` and attributes are restored after, also when the export fails."""
-    patched: list[nn.Module] = []
+    patched: list[tuple[nn.Module, Any]] = []  # (module, the instance forward it had, if any)
     blocks = list(graph.encoder.blocks)
     try:
         if fused:
             for attn in (m for m in graph.modules() if isinstance(m, Attention)):
+                patched.append((attn, vars(attn).get("forward")))
                 attn.forward = types.MethodType(_fused_forward, attn)  # type: ignore[method-assign]
-                patched.append(attn)
         for i in cls_apart:
             block = blocks[i]
+            patched.append((block, vars(block).get("forward")))
             linears = {"qkv": block.attn.qkv, "proj": block.attn.proj, "fc1": block.mlp.fc1, "fc2": block.mlp.fc2}
             setattr(block, CLS_PATH, nn.ParameterDict(
                 {k: nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=False) for k, m in linears.items()}
             ))
             block.forward = types.MethodType(  # type: ignore[method-assign]
-                lambda self, x: _cls_apart_forward(self, x, fused), block
+                functools.partial(_cls_apart_forward, fused=fused), block
             )
-            patched.append(block)
         yield
     finally:
-        for module in patched:
-            del module.forward
-            if isinstance(module, Block):
+        for module, own in patched:
+            if own is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = own  # type: ignore[method-assign]
+            if isinstance(module, Block) and hasattr(module, CLS_PATH):
                 delattr(module, CLS_PATH)
 
 
@@ -372,6 +377,7 @@ PROTO_LIMIT = 1_800_000_000  # bytes of weights above which a file keeps them be
 
 
 def _weight_bytes(model: Any) -> int:
+    """Bytes of a model's initializers (what decides whether it fits one protobuf)."""
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
@@ -380,13 +386,13 @@ def _save(onnx: Any, model: Any, path: str) -> None:
     pass protobuf's 2 GB cap (only the float intermediate of an int8 EAT-large export, which holds the
     CLS row's weight copies; every file eat-export delivers is one file)."""
     data = path + ".data"
+    if os.path.exists(data):  # a former version of this file kept its weights beside it; onnx appends
+        os.unlink(data)
     if _weight_bytes(model) > PROTO_LIMIT:
         onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                   location=os.path.basename(data))
     else:
         onnx.save(model, path)
-        if os.path.exists(data):  # a former version of this file kept its weights beside it
-            os.unlink(data)
 
 
 def _deliver(path: str, target: str) -> None:
@@ -405,6 +411,26 @@ def _write_metadata(onnx: Any, path: str, meta: OnnxMetadata) -> None:
     for key, value in [*kept, *meta.to_props().items()]:
         model.metadata_props.add(key=key, value=value)
     _save(onnx, model, path)
+
+
+def _bypass_identities(model: Any) -> bool:
+    """Point the inputs that read an ``Identity`` of an initializer at the initializer itself (the
+    exporter writes shared weights, e.g. of two identical blocks, that way, and the quantiser only
+    quantises a MatMul whose weight is an initializer). Returns whether anything changed."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return False
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for k, name in enumerate(node.input):
+            if name in alias:
+                node.input[k] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return True
 
 
 def _digest(onnx: Any, tensor: Any) -> str:
@@ -428,6 +454,8 @@ def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = ()) -> None:
     onnx = _import_onnx()
     keep = {int(b) for b in keep_fp32}
     source = onnx.load(src)
+    if _bypass_identities(source):
+        _save(onnx, source, src)
     big = _weight_bytes(source) > PROTO_LIMIT
     graph = source.graph
     inits = {i.name: i for i in graph.initializer}
@@ -435,15 +463,14 @@ def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = ()) -> None:
     cls_nodes = {name for name, w in weight.items() if CLS_PATH in w}
     excluded = [name for name in weight
                 if name in cls_nodes or ((m := re.search(r"blocks\.(\d+)/", name)) and int(m.group(1)) in keep)]
+    digest = {w: _digest(onnx, inits[w]) for w in weight.values()} if cls_nodes else {}
+    patch_weight = {digest[w]: w for name, w in weight.items() if name not in cls_nodes and w in digest}
+    cls_sibling = {weight[name]: patch_weight.get(digest[weight[name]]) for name in cls_nodes}
+    del source, graph, inits  # the quantiser loads its own copy (GBs for EAT-large)
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      nodes_to_exclude=excluded, use_external_data_format=big)
     if not cls_nodes:
         return
-
-    digest = {w: _digest(onnx, inits[w]) for w in weight.values()}
-    patch_weight = {digest[w]: w for name, w in weight.items() if name not in cls_nodes}
-    cls_sibling = {weight[name]: patch_weight.get(digest[weight[name]]) for name in cls_nodes}
-    del source, graph, inits
     model = onnx.load(dst)
     present = {i.name for i in model.graph.initializer}
     added = []
@@ -462,6 +489,9 @@ def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = ()) -> None:
     ordered = [*added, *model.graph.node]  # the new nodes read initializers only: first keeps the order topological
     used = {i for n in ordered for i in n.input}
     kept = [i for i in model.graph.initializer if i.name in used]
+    left = [i.name for i in kept if CLS_PATH in i.name]
+    if left:
+        raise RuntimeError(f"int8 export: float copies of the CLS row's weights left in the file: {left[:3]}")
     del model.graph.initializer[:], model.graph.node[:]
     model.graph.initializer.extend(kept)
     model.graph.node.extend(ordered)
@@ -510,6 +540,8 @@ def export_onnx(
     handle.check_layer(layer)
     depth = handle.num_layers
     block = (depth - 1 if layer is None else layer) % depth
+    if int8_cls and not int8:
+        raise ValueError("int8_cls goes with int8")
     if not 0 <= fp32_blocks <= block + 1:
         raise ValueError(f"fp32_blocks must be in 0..{block + 1} (the exported blocks), got {fp32_blocks}")
     target = os.fspath(path)

@@ -234,11 +234,32 @@ def test_int8_cls_products_stay_float_from_the_int8_weights(files: dict, tmp_pat
 
     assert weight_bytes(default) < 1.01 * weight_bytes(everything)
     assert report.int8_check["int8_cls"] and not files["reports"]["pre_int8.onnx"].int8_check["int8_cls"]
+    assert files["reports"]["pre_int8.onnx"].fp32_relative < 1e-5  # its float graph (CLS apart, fused) = eager
+    kept = export_onnx(load_model(files["pre.pt"]), tmp_path / "k1.onnx", int8=True, fp32_blocks=1)
+    assert [n.op_type for n in onnx.load(kept.path).graph.node].count("DequantizeLinear") == 4 * (depth - 1)
+    with pytest.raises(ValueError, match="int8_cls goes with int8"):
+        export_onnx(load_model(files["pre.pt"]), tmp_path / "x.onnx", int8_cls=True)
     assert "CLS token's products in float" in "\n".join(files["reports"]["pre_int8.onnx"].lines())
     fp = load_model(files["pre.onnx"]).extract(clips())
     for path in (files["pre_int8.onnx"], tmp_path / "all.onnx"):
         for a, b in zip(load_model(path).extract(clips()), fp):
             assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_int8_blocks_with_identical_weights(tmp_path: Path) -> None:
+    """Two blocks with the same weights (the exporter then shares them through Identity nodes) are
+    quantised and rewired like the others: no float copy is left."""
+    import onnx
+
+    handle = load_model(write_pretrained(tmp_path / "twin.pt"))
+    blocks = handle.encoder.blocks
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    report = export_onnx(handle, tmp_path / "twin.onnx", int8=True)
+    model = onnx.load(report.path)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DequantizeLinear") == ops.count("MatMulInteger") == ops.count("MatMul") == 4 * len(blocks)
+    assert not any("cls_path" in i.name for i in model.graph.initializer)
+    assert report.fp32_relative < 1e-5 and report.int8_check["utterance_cosine_min"] > 0.99
 
 
 def test_int8_export_and_its_cost(files: dict) -> None:
