@@ -12,9 +12,8 @@ it is all eat-extract / eat-tag need. One file serves every ``--granularity`` of
 pooling is done outside the graph). ``--int8`` quantises the weight matrices with onnxruntime
 (per-channel dynamic quantisation; the CLS token's products stay float unless ``--int8-cls``) and
 prints what that costs against fp32 on a few windows: ``--check-audio`` names clips to measure on
-(default: generated test signals). The attention is
-written as onnxruntime's fused ``MultiHeadAttention`` (faster); ``--portable`` writes standard ONNX
-ops only, for other runtimes.
+(default: generated test signals). The attention is written as onnxruntime's fused
+``MultiHeadAttention`` (faster); ``--portable`` writes standard ONNX ops only, for other runtimes.
 
 Needs ``pip install 'eat_fairseq[onnx]'`` (onnx and onnxruntime). Exit status: 0 written, 1 the
 checkpoint cannot be used or the export failed, 2 bad arguments or OUT exists (without ``--force``).

@@ -13,8 +13,8 @@ add onnxscript to the dependencies for the same graph.
 **Attention.** By default each block's attention (after the ``qkv`` projection, before ``proj``) is
 written as one onnxruntime ``com.microsoft.MultiHeadAttention`` node: its CPU kernel does the head
 split, the two products and the softmax without the transposes and copies of the plain graph, which
-measured 3-4% faster for the whole int8 encoder (EAT-base, one thread, 4 x 1,024 frames; fp32 within
-1%) at the same accuracy. Files with that node run only on onnxruntime (tested with 1.32);
+measured 3-6% faster for the whole int8 encoder (EAT-base, one thread, 4 x 1,024 frames; fp32 within
+2%) at the same accuracy. Files with that node run only on onnxruntime (tested with 1.32);
 ``portable=True`` (``eat-export --portable``) writes ``scaled_dot_product_attention`` as standard
 MatMul / Softmax nodes instead, for other runtimes.
 
@@ -35,7 +35,8 @@ same computation) with float products of the *same* int8 weights dequantised (``
 no second copy in the file; onnxruntime folds them once at load, see ``onnx_format.make_session``):
 CLS error 0.022 of the variation, probe 28.7 (30.0 with the fp32 model's regularisation per fold).
 Cost, one thread: about 5% of encoder speed, 0.5 s of start-up and ~350 MB of memory for EAT-base
-(8%, 1.7 s and 1.2 GB for EAT-large). ``int8_cls=True`` (``eat-export --int8-cls``) quantises the CLS row with the rest.
+(8%, 1.7 s and 1.2 GB for EAT-large). ``int8_cls=True`` (``eat-export --int8-cls``) quantises the
+CLS row with the rest.
 
 **Accuracy check.** Every export runs the new file beside PyTorch eager on a few windows (given
 audio, or generated test signals) and reports the largest fp32 difference; an int8 export also
