@@ -272,6 +272,8 @@ def probe(args: argparse.Namespace, work: Path, files: dict[str, Path], threads:
             str(args.probe_target_length),
             "--max-per-split",
             str(args.probe_per_split),
+            "--l2-folds",
+            args.probe_l2_folds,
             "--threads",
             str(threads),
             "--json",
@@ -321,6 +323,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--probe-per-split", type=int, default=100, help="eat-probe --max-per-split (clips per speaker)"
     )
+    parser.add_argument(
+        "--probe-l2-folds", choices=("next", "others"), default="others",
+        help="eat-probe --l2-folds: the L2 strength chosen on every other speaker (default; one speaker's choice "
+        "flips on features that differ by 1e-6 and moves that fold by points) or on the next one (eat-probe's default)",
+    )
     parser.add_argument("--probe-target-length", type=int, default=128, help="eat-probe --target-length (frames)")
     parser.add_argument(
         "--workdir", default=None, help="keep checkpoints, exports and clips here (default: a temporary folder)"
@@ -369,7 +376,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             text, result = probe(args, work, probe_files, max(thread_counts))
             print(
                 f"\nint8 accuracy cost, FSDD leave-one-speaker-out, eat-probe on {what} "
-                f"(last block, {args.probe_per_split} clips per speaker, {args.probe_target_length} frames):\n{text}"
+                f"(last block, {args.probe_per_split} clips per speaker, {args.probe_target_length} frames, L2 strength "
+                f"chosen on {'every other speaker' if args.probe_l2_folds == 'others' else 'the next speaker'}):\n{text}"
             )
             report["probe"] = result
         if args.json:

@@ -10,9 +10,9 @@ normalised fbank windows (dynamic batch and length) to the tokens of one block (
 the last), plus the head of a fine-tuned model, and in its metadata the feature settings and labels:
 it is all eat-extract / eat-tag need. One file serves every ``--granularity`` of eat-extract (the
 pooling is done outside the graph). ``--int8`` quantises the weight matrices with onnxruntime
-(per-channel dynamic quantisation; the CLS token's products stay float unless ``--int8-cls``) and
-prints what that costs against fp32 on a few windows: ``--check-audio`` names clips to measure on
-(default: generated test signals). The attention is written as onnxruntime's fused
+(per-channel dynamic quantisation; the CLS token's activations kept ~16-bit precise unless
+``--int8-cls``) and prints what that costs against fp32 on a few windows: ``--check-audio`` names
+clips to measure on (default: generated test signals). The attention is written as onnxruntime's fused
 ``MultiHeadAttention`` (faster); ``--portable`` writes standard ONNX ops only, for other runtimes.
 
 Needs ``pip install 'eat_fairseq[onnx]'`` (onnx and onnxruntime). Exit status: 0 written, 1 the
@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--int8-cls",
         action="store_true",
-        help="with --int8: quantise the CLS token's products too (a little faster; by default they stay float, "
-        "which keeps the utterance embedding close to fp32)",
+        help="with --int8: round the CLS token's activations to int8 once, like the patches' (a little faster; "
+        "by default they are rounded in two steps, ~16-bit precise, which keeps the utterance embedding "
+        "close to fp32)",
     )
     parser.add_argument(
         "--portable",

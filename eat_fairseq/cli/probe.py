@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from eat_fairseq.evaluation.probe import L2_FOLDS
+
 logger = logging.getLogger("eat_fairseq.probe")
 
 PRESETS = ("tiny", "small", "base", "large")
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe every clip whole: padded to a whole patch only, up to the longest input the encoder "
                         "takes (max_length time patches: 12,288 frames, about 123 s, for EAT-base) instead of "
                         "the training window; the log-mel rows use the same frames (implies --natural-length)")
+    p.add_argument("--l2-folds", choices=L2_FOLDS, default="next",
+                   help="with --folds: the logistic regression's L2 strength is chosen on the next fold (default) "
+                   "or on every other training fold, mean accuracy (k-1 times slower; steadier when two models "
+                   "that differ little are compared, e.g. int8 against fp32)")
     p.add_argument("--max-per-split", type=int, default=None, help="use at most N evenly spaced clips per split")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -183,12 +189,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        cropped, len(data), feat.target_length or 1024,
                        "" if args.whole_clips else " (--whole-clips probes them whole)")
 
-    rows = [] if args.no_logmel else probe_logmel(data, feat)
+    rows = [] if args.no_logmel else probe_logmel(data, feat, l2_folds=args.l2_folds)
     for name, enc in encoders:
         t0 = time.perf_counter()
         layers = _layers(args.layers, len(enc.blocks))
         rows += probe_encoder(name, enc, data, feat, layers, poolings, pool_padding=args.pool_padding,
-                              batch_size=args.batch_size, natural_length=args.natural_length)
+                              batch_size=args.batch_size, natural_length=args.natural_length,
+                              l2_folds=args.l2_folds)
         logger.info("%s probed in %.1f s", name, time.perf_counter() - t0)
     chance = chance_level(data)
     print(format_table(rows))
@@ -202,7 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"data": os.path.abspath(args.data), "splits": data.split_names, "folds": bool(data.spec.folds),
                 "feature_config": dict(feat.__dict__), "pool_padding": args.pool_padding,
                 "natural_length": args.natural_length, "whole_clips": args.whole_clips,
-                "checkpoints": [os.path.abspath(c) for c in args.checkpoints], "seed": args.seed}
+                "checkpoints": [os.path.abspath(c) for c in args.checkpoints], "seed": args.seed,
+                "l2_folds": args.l2_folds}
     result = {"settings": settings, "chance": chance, "rows": [r.as_dict() for r in rows]}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -15,8 +15,8 @@ from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
 from eat_fairseq.data.features import FeatureConfig
 from eat_fairseq.model.objective import teacher_targets
 from eat_fairseq.model.pretraining import feature_spread, positional_share
-from eat_fairseq.evaluation.probe import (_pool, ProbeData, SplitSpec, encoder_features, evaluate_features, evenly_spaced,
-                                    load_probe_data, parse_splits)
+from eat_fairseq.evaluation.probe import (_folds, _pool, ProbeData, SplitSpec, encoder_features, evaluate_features,
+                                    evenly_spaced, load_probe_data, logreg_accuracy, parse_splits)
 
 
 def synthetic_probe(num_groups: int = 3, per_group: int = 60, num_classes: int = 4, dim: int = 16,
@@ -52,6 +52,26 @@ def test_probe_gives_chance_on_shuffled_labels() -> None:
     res = evaluate_features(x, data)
     for name in ("logreg", "knn"):
         assert 0.17 < res[name] < 0.33, (name, res)
+
+
+def test_l2_strength_chosen_on_every_other_fold() -> None:
+    """``l2_folds="others"``: every training fold validates in turn (never the test fold) and the
+    strength with the best mean accuracy wins; the default keeps the one next fold."""
+    x, data = synthetic_probe(num_groups=4, separation=0.6)
+    for (train, test, nxt), (train2, test2, others) in zip(_folds(data), _folds(data, "others")):
+        assert torch.equal(train, train2) and torch.equal(test, test2) and len(nxt) == 1 and len(others) == 3
+        groups = [set(data.groups[train][m].tolist()) for m in others]
+        assert sorted(map(len, groups)) == [1, 1, 1] and set.union(*groups) == set(data.groups[train].tolist())
+    train, test, masks = _folds(data, "others")[0]
+    grid = (1e-3, 1.0, 30.0)
+    y, n = data.labels, data.num_classes
+    per_mask = {l2: [logreg_accuracy(x[train][~m], y[train][~m], x[train][m], y[train][m], n, [], (l2,))[0]
+                     for m in masks] for l2 in grid}
+    best = max(sorted(grid, reverse=True), key=lambda l2: np.mean(per_mask[l2]))
+    assert logreg_accuracy(x[train], y[train], x[test], y[test], n, masks, grid)[1] == best
+    assert evaluate_features(x, data, l2_folds="others")["logreg"] > 0.3
+    with pytest.raises(ValueError, match="l2_folds"):
+        _folds(data, "all")
 
 
 def test_train_test_spec_and_subset() -> None:
