@@ -5,7 +5,7 @@ the script writes a checkpoint, exports it with ``eat-export`` (fp32 and ``--int
 ``--clips`` WAV files of ``--seconds`` (generated test signals) and measures, for every backend
 (``torch`` = the .pt, ``onnx-fp32``, ``onnx-int8``; with ``--backends`` also ``onnx-fp32-portable`` and
 ``onnx-int8-portable``, exported with standard ONNX attention, and ``onnx-int8-cls``, with the CLS
-token's products quantised too) and every thread count:
+row's activations rounded once like the rest, ``eat-export --int8-cls``) and every thread count:
 
 - **end to end**: ``eat-extract`` run as a user runs it (a fresh process: start-up, model loading,
   decoding, fbank, encoder, writing), clips/s over the wall time;

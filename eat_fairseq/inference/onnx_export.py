@@ -29,16 +29,18 @@ speed.
 little from clip to clip around a large common vector (a trained ``eat_small``: norm 0.47, between-clip
 standard deviation per dimension ~6e-3). Rounding the CLS row's activations to int8 steps then moves it
 by about a sixth of that variation (per dimension, median), and the standardised CLS probe on FSDD
-lost 5.7 points (30.2 -> 24.5); weights rounded to int8 with float activations cost 0.1. So by
+lost 5.0 points (28.5 -> 23.5, 100 clips per speaker, L2 strength chosen on every other speaker);
+weights rounded to int8 with float activations cost 0.1. So by
 default each block projects the CLS row apart from the patch rows (:func:`_cls_apart_forward`, the
 same computation) and multiplies it by the *same* int8 weights in two int8 steps: the row rounded to
 uint8, then what that rounding lost rounded again (:func:`_residual_int8_matmul`), which carries the
 activations with ~16-bit precision (CLS output within cosine 0.9999996 of float activations on the
-same weights, EAT-base). The file holds each weight matrix once and nothing is converted at load.
-Cost, EAT-base, one thread: about 2% of encoder speed, 0.1-0.2 s of start-up and ~90 MB of memory.
-(Float products of the dequantised weights, this module's earlier way, were as accurate but cost
-0.5 s of start-up and 350 MB for EAT-base, 1.7 s and 1.2 GB for EAT-large.) ``int8_cls=True``
-(``eat-export --int8-cls``) quantises the CLS row once, with the rest.
+same weights, EAT-base). The file holds each weight matrix once and nothing is dequantised at load
+(onnxruntime prepacks the extra products' int8 weights when it builds the session). Cost, one
+thread: 0-3% of encoder speed, 0.2 s of start-up and ~90 MB of memory for EAT-base (EAT-large: 8%
+in one run, 0.6 s). Float products of the dequantised weights, this module's earlier way, were as
+accurate but cost 0.5 s of start-up and 350 MB for EAT-base, 1.7 s and 1.2 GB for EAT-large.
+``int8_cls=True`` (``eat-export --int8-cls``) rounds the CLS row's activations once, like the rest.
 
 **Accuracy check.** Every export runs the new file beside PyTorch eager on a few windows (given
 audio, or generated test signals) and reports the largest fp32 difference; an int8 export also
@@ -274,7 +276,7 @@ class ExportReport:
                 )
             if c.get("fp32_blocks"):
                 line += f" (the last {c['fp32_blocks']} block(s) kept in fp32)"
-            if c.get("int8_cls") is False:
+            if c.get("int8_cls") is False and c.get("fp32_blocks", 0) < self.layer + 1:
                 line += " (the CLS token's activations rounded in two steps)"
             out.append(line)
         return out
@@ -504,9 +506,11 @@ def _residual_int8_matmul(onnx: Any, node: Any, weight: str, scale: str, zero_po
 
     The second step's scale is about 1/255 of the first's, so ``x`` reaches the weights with ~16-bit
     precision: on EAT-base the CLS output lies within cosine 0.9999996 of float activations on the
-    same int8 weights. Standard ONNX ops (``DynamicQuantizeLinear``, ``MatMulInteger``), which
-    onnxruntime fuses like the quantiser's own; the weights are the patch rows' initializers, so the
-    file holds them once and nothing is dequantised at load.
+    same int8 weights. Standard ONNX ops (``DynamicQuantizeLinear``, ``MatMulInteger``); onnxruntime
+    fuses them into its int8 products (the second step into ``DynamicQuantizeMatMul``, the first into
+    ``MatMulIntegerToFloat`` beside its own ``DynamicQuantizeLinear``, whose output the residual
+    reads too). The weights are the patch rows' initializers, so the file holds them once and nothing
+    is dequantised at load.
     """
     make = onnx.helper.make_node
     x, y, p = node.input[0], node.output[0], node.name
@@ -553,8 +557,8 @@ def export_onnx(
             to fp32 rose from 0.9988 to 0.9996 with the last of 4 blocks kept).
         portable: write the attention as standard ONNX ops (other runtimes) instead of onnxruntime's
             fused ``MultiHeadAttention`` (module docstring).
-        int8_cls: with ``int8``, quantise the CLS token's products as well (faster; the utterance
-            embedding moves further from fp32, module docstring).
+        int8_cls: with ``int8``, round the CLS row's activations once, like the patches' (faster; the
+            utterance embedding moves further from fp32, module docstring).
 
     Raises :class:`~eat_fairseq.inference.onnx_backend.OnnxUnavailableError` without onnx /
     onnxruntime, ``ValueError`` for an unusable handle or layer.
