@@ -598,6 +598,7 @@ def export_onnx(
         pooling=getattr(handle.classifier, "pooling", None),
         int8=False,
         source=os.path.basename(handle.source),
+        portable=portable,
     )
     names = graph.output_names
     axes = {INPUT_NAME: {0: "batch", 1: "frames"}, FEATURES_NAME: {0: "batch", 1: "tokens"}, LOGITS_NAME: {0: "batch"}}

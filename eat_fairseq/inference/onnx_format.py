@@ -70,7 +70,9 @@ class OnnxMetadata:
     """What ``eat-export`` records in the file so that it can be used without the checkpoint.
 
     ``layer`` is the 0-based block whose output ``features`` holds; ``int8_check`` the accuracy of
-    the int8 weights against fp32 measured at export (empty for fp32 files).
+    the int8 weights against fp32 measured at export (empty for fp32 files); ``portable`` whether the
+    graph uses standard ONNX ops only (``eat-export --portable``; ``None`` for files written before
+    it was recorded), so a user can tell whether the file runs outside onnxruntime.
     """
 
     kind: str
@@ -83,6 +85,7 @@ class OnnxMetadata:
     int8: bool = False
     source: str = ""
     int8_check: dict[str, Any] = field(default_factory=dict)
+    portable: bool | None = None
 
     def to_props(self) -> dict[str, str]:
         """The ``eat.*`` string pairs stored in the model's ``metadata_props``."""
@@ -101,6 +104,8 @@ class OnnxMetadata:
             props["pooling"] = str(self.pooling or "cls")
         if self.int8_check:
             props["int8_check"] = json.dumps(self.int8_check, sort_keys=True)
+        if self.portable is not None:
+            props["portable"] = json.dumps(bool(self.portable))
         return {META_PREFIX + k: v for k, v in props.items()}
 
     @classmethod
@@ -135,6 +140,7 @@ class OnnxMetadata:
                 int8=bool(json.loads(own.get("int8", "false"))),
                 source=own.get("source", ""),
                 int8_check=json.loads(own["int8_check"]) if "int8_check" in own else {},
+                portable=bool(json.loads(own["portable"])) if "portable" in own else None,
             )
         except ModelLoadError:
             raise

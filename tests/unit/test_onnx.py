@@ -190,6 +190,10 @@ def test_attention_is_fused_unless_portable(files: dict, tmp_path: Path) -> None
     assert all(n.domain in ("", "ai.onnx") for n in plain)
     assert portable.portable and "standard ONNX ops" in "\n".join(portable.lines())
     assert not files["reports"]["pre.onnx"].portable
+    assert load_model(tmp_path / "portable.onnx").metadata.portable is True
+    assert load_model(files["pre.onnx"]).metadata.portable is False
+    older = {k: v for k, v in load_model(files["pre.onnx"]).metadata.to_props().items() if k != "eat.portable"}
+    assert OnnxMetadata.from_props(older, "old.onnx").portable is None  # written before it was recorded
     x = clips()
     want = load_model(files["pre.pt"]).extract(x, granularity="frame")
     for path in (files["pre.onnx"], tmp_path / "portable.onnx"):
