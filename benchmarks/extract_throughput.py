@@ -49,6 +49,7 @@ import soundfile as sf
 import torch
 
 from eat_fairseq.checkpoints.convert import build_checkpoint
+from eat_fairseq.evaluation.probe import L2_FOLDS
 from eat_fairseq.inference.api import load_model
 from eat_fairseq.inference.onnx_export import check_waves
 from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
@@ -324,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--probe-per-split", type=int, default=100, help="eat-probe --max-per-split (clips per speaker)"
     )
     parser.add_argument(
-        "--probe-l2-folds", choices=("next", "others"), default="others",
+        "--probe-l2-folds", choices=L2_FOLDS, default="others",
         help="eat-probe --l2-folds: the L2 strength chosen on every other speaker (default; one speaker's choice "
         "flips on features that differ by 1e-6 and moves that fold by points) or on the next one (eat-probe's default)",
     )
