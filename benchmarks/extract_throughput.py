@@ -5,7 +5,9 @@ the script writes a checkpoint, exports it with ``eat-export`` (fp32 and ``--int
 ``--clips`` WAV files of ``--seconds`` (generated test signals) and measures, for every backend
 (``torch`` = the .pt, ``onnx-fp32``, ``onnx-int8``; with ``--backends`` also ``onnx-fp32-portable`` and
 ``onnx-int8-portable``, exported with standard ONNX attention, and ``onnx-int8-cls``, with the CLS
-row's activations rounded once like the rest, ``eat-export --int8-cls``) and every thread count:
+row's activations rounded once like the rest, ``eat-export --int8-cls``, and ``onnx-int8-s8`` / ``-s7`` /
+``-u8``, each form of ``eat-export --int8-weights``; ``onnx-int8`` is the default, which follows the CPU)
+and every thread count:
 
 - **end to end**: ``eat-extract`` run as a user runs it (a fresh process: start-up, model loading,
   decoding, fbank, encoder, writing), clips/s over the wall time;
@@ -54,12 +56,16 @@ from eat_fairseq.inference.api import load_model
 from eat_fairseq.inference.onnx_export import check_waves
 from eat_fairseq.model.pretraining import EATPretrainingModel, PretrainConfig
 
-BACKENDS = ("torch", "onnx-fp32", "onnx-int8", "onnx-int8-cls", "onnx-fp32-portable", "onnx-int8-portable")
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8", "onnx-int8-cls", "onnx-int8-s8", "onnx-int8-s7", "onnx-int8-u8",
+            "onnx-fp32-portable", "onnx-int8-portable")
 DEFAULT_BACKENDS = BACKENDS[:3]
 EXPORT_FLAGS = {  # eat-export flags of each ONNX backend
     "onnx-fp32": [],
     "onnx-int8": ["--int8"],
     "onnx-int8-cls": ["--int8", "--int8-cls"],
+    "onnx-int8-s8": ["--int8", "--int8-weights", "s8"],
+    "onnx-int8-s7": ["--int8", "--int8-weights", "s7"],
+    "onnx-int8-u8": ["--int8", "--int8-weights", "u8"],
     "onnx-fp32-portable": ["--portable"],
     "onnx-int8-portable": ["--int8", "--portable"],
 }
@@ -89,9 +95,13 @@ def machine() -> str:
         pass
     import onnxruntime
 
+    from eat_fairseq.inference.onnx_format import default_int8_weights, int8_saturates
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    vnni = "no VNNI: signed int8 products saturate" if int8_saturates() else "VNNI or not x86"
     return (
-        f"{datetime.date.today().isoformat()}, {cpu}, {cores} cores, Python {platform.python_version()}, "
+        f"{datetime.date.today().isoformat()}, {cpu} ({vnni}; eat-export --int8 writes "
+        f"{default_int8_weights()} weights), {cores} cores, Python {platform.python_version()}, "
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
     )
 

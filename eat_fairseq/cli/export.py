@@ -1,6 +1,7 @@
 """``eat-export``: an EAT checkpoint as an ONNX file that eat-extract, eat-tag, load_model and HEAR run.
 
-    eat-export CHECKPOINT OUT.onnx [--int8] [--fp32-blocks N] [--int8-cls] [--portable] [--layer N]
+    eat-export CHECKPOINT OUT.onnx [--int8] [--int8-weights s8|s7|u8] [--fp32-blocks N] [--int8-cls]
+               [--portable] [--layer N]
                [--use-teacher] [--check-audio FILE ...] [--batch-size B] [--threads N] [--trust-checkpoint]
                [--force]
 
@@ -11,7 +12,8 @@ the last), plus the head of a fine-tuned model, and in its metadata the feature 
 it is all eat-extract / eat-tag need. One file serves every ``--granularity`` of eat-extract (the
 pooling is done outside the graph). ``--int8`` quantises the weight matrices with onnxruntime
 (per-channel dynamic quantisation; the CLS token's activations kept ~16-bit precise unless
-``--int8-cls``) and prints what that costs against fp32 on a few windows: ``--check-audio`` names
+``--int8-cls``; the weights' form, ``--int8-weights``, by default suits the exporting CPU: signed 8-bit
+products saturate on x86 CPUs without VNNI) and prints what that costs against fp32 on a few windows: ``--check-audio`` names
 clips to measure on (default: generated test signals). The attention is written as onnxruntime's fused
 ``MultiHeadAttention`` (faster); ``--portable`` writes standard ONNX ops only, for other runtimes.
 
@@ -34,6 +36,7 @@ from eat_fairseq.cli.common import (
     fail,
     one_line,
 )
+from eat_fairseq.inference.onnx_format import INT8_WEIGHTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="with --int8: keep the weights of the last N exported blocks in fp32 (closer to fp32, a little slower)",
+    )
+    parser.add_argument(
+        "--int8-weights",
+        choices=INT8_WEIGHTS,
+        default=None,
+        help="with --int8: s8 = signed 8-bit (fastest; its products can saturate on x86 CPUs without VNNI), "
+        "s7 = signed 7-bit (no saturation, as fast, coarser), u8 = unsigned 8-bit (no saturation, exact; "
+        "slower without VNNI); default u8 on an x86 CPU without VNNI (AVX2), else s8",
     )
     parser.add_argument(
         "--int8-cls",
@@ -140,6 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(prog, "--fp32-blocks goes with --int8", 2)
     if args.int8_cls and not args.int8:
         return fail(prog, "--int8-cls goes with --int8", 2)
+    if args.int8_weights and not args.int8:
+        return fail(prog, "--int8-weights goes with --int8", 2)
     check = None
     if args.check_audio:
         try:
@@ -150,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         report = export_onnx(handle, args.out, layer=args.layer, int8=args.int8, check=check,
                              fp32_blocks=args.fp32_blocks, portable=args.portable,
-                             int8_cls=args.int8_cls)
+                             int8_cls=args.int8_cls, int8_weights=args.int8_weights)
     except (RuntimeError, ValueError, OSError) as exc:
         return fail(prog, f"export failed: {one_line(exc)}", 1)
     for line in report.lines():

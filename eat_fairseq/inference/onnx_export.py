@@ -25,6 +25,19 @@ convolution and the head stay fp32. Per-channel scales measured closer to fp32 t
 matrix (lowest CLS cosine to fp32 0.99982 against 0.99966, EAT-base with random weights) at the same
 speed.
 
+**Which int8 weights.** onnxruntime's x86 int8 product multiplies uint8 activations by int8
+weights. With VNNI (AVX512-VNNI or AVX-VNNI) it sums in 32 bits; without it (AVX2, early AVX-512)
+pairs of products are summed in 16 bits first and large sums are clipped (saturate), which moves the
+outputs: random EAT-base on an AVX2 EPYC, frame cosine to fp32 at least 0.99894 instead of 0.99982.
+So ``int8_weights`` (``eat-export --int8-weights``) chooses how the weights are stored: ``s8``
+(signed 8-bit, the fastest; exact with VNNI; ARM not measured), ``s7`` (signed 7-bit, onnxruntime's
+``reduce_range``: no sum can clip, the same speed as ``s8``, twice its weight rounding step: 0.99929
+there) or ``u8`` (unsigned 8-bit with a zero point per channel: onnxruntime widens the products to
+16 bits first, so nothing clips: 0.99982, encoder 20% slower than ``s8`` on that AVX2 CPU). The
+default follows the exporting CPU (:func:`~eat_fairseq.inference.onnx_format.default_int8_weights`:
+``u8`` on x86 without VNNI, else ``s8``), the choice is stored in the metadata, and loading an ``s8``
+file on a CPU where it saturates warns.
+
 **The CLS token in int8.** The utterance embedding (the CLS output) of a pre-trained EAT can vary
 little from clip to clip around a large common vector (a trained ``eat_small``: norm 0.47, between-clip
 standard deviation per dimension ~6e-3). Rounding the CLS row's activations to int8 steps then moves it
@@ -75,11 +88,14 @@ from eat_fairseq.inference.onnx_format import (
     FEATURES_NAME,
     INPUT_NAME,
     INSTALL_HINT,
+    INT8_WEIGHTS,
     LOGITS_NAME,
     META_PREFIX,
     OnnxMetadata,
     OnnxUnavailableError,
+    default_int8_weights,
     import_onnxruntime,
+    int8_saturates,
     make_session,
 )
 from eat_fairseq.model.encoder import Attention, Block
@@ -88,6 +104,11 @@ __all__ = ["DEFAULT_OPSET", "ExportReport", "ExportGraph", "check_waves", "expor
 
 DEFAULT_OPSET = 18
 CHECK_CLIPS = 4
+WEIGHTS_WORDS = {
+    "s8": "signed 8-bit: fastest; its products can saturate on x86 CPUs without VNNI",
+    "s7": "signed 7-bit: no saturation on any CPU, twice the rounding step of 8-bit",
+    "u8": "unsigned 8-bit: no saturation on any CPU; slower on x86 without VNNI",
+}
 
 
 def _import_onnx() -> Any:
@@ -279,6 +300,9 @@ class ExportReport:
             if c.get("int8_cls") is False and c.get("fp32_blocks", 0) < self.layer + 1:
                 line += " (the CLS token's activations rounded in two steps)"
             out.append(line)
+            if "weights" in c:
+                out.append(f"int8 weights: {c['weights']} ({WEIGHTS_WORDS[c['weights']]})"
+                           + ("; checked on a CPU without VNNI" if c.get("saturating_cpu") else ""))
         return out
 
 
@@ -444,9 +468,10 @@ def _digest(onnx: Any, tensor: Any) -> str:
     return hashlib.sha1(repr((array.dtype.str, array.shape)).encode() + array.tobytes()).hexdigest()
 
 
-def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = ()) -> None:
+def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = (), weights: str = "s8") -> None:
     """Dynamic int8 quantisation of the weight MatMuls, one scale per output channel (module docstring),
-    except the MatMuls of the blocks in ``keep_fp32`` and those of the CLS token's rows.
+    except the MatMuls of the blocks in ``keep_fp32`` and those of the CLS token's rows; ``weights``
+    is one of :data:`~eat_fairseq.inference.onnx_format.INT8_WEIGHTS`.
 
     The CLS rows' MatMuls (:func:`_cls_apart_forward`; their weights are the initializers named
     ``...cls_path...``) become :func:`_residual_int8_matmul` products of the patch rows' int8 weights
@@ -472,7 +497,8 @@ def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = ()) -> None:
     patch_weight = {digest[w]: w for name, w in weight.items() if name not in cls_nodes and w in digest}
     cls_sibling = {weight[name]: patch_weight.get(digest[weight[name]]) for name in cls_nodes}
     del source, graph, inits  # the quantiser loads its own copy (GBs for EAT-large)
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+    quantize_dynamic(src, dst, weight_type=QuantType.QUInt8 if weights == "u8" else QuantType.QInt8,
+                     per_channel=True, reduce_range=weights == "s7", op_types_to_quantize=["MatMul"],
                      nodes_to_exclude=excluded, use_external_data_format=big)
     if not cls_nodes:
         return
@@ -542,6 +568,7 @@ def export_onnx(
     fp32_blocks: int = 0,
     portable: bool = False,
     int8_cls: bool = False,
+    int8_weights: Optional[str] = None,
 ) -> ExportReport:
     """Write ``handle``'s encoder (and head) as an ONNX file at ``path`` and check it (module docstring).
 
@@ -559,6 +586,9 @@ def export_onnx(
             fused ``MultiHeadAttention`` (module docstring).
         int8_cls: with ``int8``, round the CLS row's activations once, like the patches' (faster; the
             utterance embedding moves further from fp32, module docstring).
+        int8_weights: with ``int8``, how the weights are stored (module docstring, "Which int8
+            weights"): ``s8``, ``s7`` or ``u8``; default :func:`~eat_fairseq.inference.onnx_format.default_int8_weights`
+            (``u8`` on x86 CPUs without VNNI, else ``s8``).
 
     Raises :class:`~eat_fairseq.inference.onnx_backend.OnnxUnavailableError` without onnx /
     onnxruntime, ``ValueError`` for an unusable handle or layer.
@@ -576,6 +606,11 @@ def export_onnx(
     block = (depth - 1 if layer is None else layer) % depth
     if int8_cls and not int8:
         raise ValueError("int8_cls goes with int8")
+    if int8_weights is not None and not int8:
+        raise ValueError("int8_weights goes with int8")
+    if int8_weights is not None and int8_weights not in INT8_WEIGHTS:
+        raise ValueError(f"int8_weights must be one of {', '.join(INT8_WEIGHTS)}, got {int8_weights!r}")
+    weights = int8_weights or default_int8_weights()
     if not 0 <= fp32_blocks <= block + 1:
         raise ValueError(f"fp32_blocks must be in 0..{block + 1} (the exported blocks), got {fp32_blocks}")
     target = os.fspath(path)
@@ -631,11 +666,13 @@ def export_onnx(
         cost: dict[str, Any] = {}
         if int8:
             with _quiet_export():
-                _quantize(fp32_path, int8_path, keep_fp32=kept)
+                _quantize(fp32_path, int8_path, keep_fp32=kept, weights=weights)
             quantized = _run_session(make_session(int8_path), windows, names, handle.batch_size)
             cost = _int8_cost(fp32, quantized, handle.num_freq_patches, handle.multi_label)
             cost["fp32_blocks"] = fp32_blocks
             cost["int8_cls"] = int8_cls
+            cost["weights"] = weights
+            cost["saturating_cpu"] = int8_saturates()
             meta.int8, meta.int8_check = True, cost
             _write_metadata(onnx, int8_path, meta)
             _deliver(int8_path, target)

@@ -8,9 +8,12 @@ metadata (:class:`OnnxMetadata`), the session options, and the checks that a fil
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import platform
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -28,8 +31,11 @@ __all__ = [
     "OnnxMetadata",
     "OnnxUnavailableError",
     "check_exported_layer",
+    "INT8_WEIGHTS",
+    "default_int8_weights",
     "default_threads",
     "import_onnxruntime",
+    "int8_saturates",
     "is_onnx_path",
     "make_session",
     "open_onnx",
@@ -43,6 +49,10 @@ FEATURES_NAME = "features"
 LOGITS_NAME = "logits"
 INSTALL_HINT = "pip install 'eat_fairseq[onnx]' (or: pip install onnxruntime)"
 KINDS = ("pretrained", "classifier", "encoder")
+INT8_WEIGHTS = ("s8", "s7", "u8")
+"""How ``eat-export --int8`` stores the weights: ``s8`` signed 8-bit, ``s7`` signed 7-bit (onnxruntime's
+``reduce_range``), ``u8`` unsigned 8-bit with a zero point per output channel (see :func:`int8_saturates`)."""
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 class OnnxUnavailableError(ModelLoadError):
@@ -70,7 +80,9 @@ class OnnxMetadata:
     """What ``eat-export`` records in the file so that it can be used without the checkpoint.
 
     ``layer`` is the 0-based block whose output ``features`` holds; ``int8_check`` the accuracy of
-    the int8 weights against fp32 measured at export (empty for fp32 files); ``portable`` whether the
+    the int8 weights against fp32 measured at export (empty for fp32 files; its ``weights`` is one of
+    :data:`INT8_WEIGHTS`, absent, meaning ``s8``, in files written before it was recorded, and
+    ``saturating_cpu`` whether the check ran on a CPU where ``s8`` products saturate); ``portable`` whether the
     graph uses standard ONNX ops only (``eat-export --portable``; ``None`` for files written before
     it was recorded), so a user can tell whether the file runs outside onnxruntime.
     """
@@ -151,6 +163,51 @@ class OnnxMetadata:
         return meta
 
 
+@functools.lru_cache(maxsize=None)
+def int8_saturates() -> bool:
+    """Whether onnxruntime's int8 products with signed 8-bit weights can saturate on this CPU.
+
+    On x86 without VNNI (AVX2, or AVX-512 before Cascade Lake / Zen 4) onnxruntime multiplies uint8
+    activations by int8 weights with ``vpmaddubsw``, which adds two products into 16 bits and clips
+    sums beyond 32,767 (255 x 127 x 2 = 64,770). Measured on an AVX2 EPYC with random EAT-base
+    weights, one thread: frame cosine to fp32 at least 0.99894 with ``s8`` weights, 0.99929 with ``s7``
+    (no sum can clip; twice the weight rounding step) at the same speed, 0.99982 with ``u8`` (products
+    widened to 16 bits first: exact, 20% slower encoder). With VNNI (``vpdpbusd`` adds into 32 bits)
+    nothing saturates. Other architectures (ARM) are taken as not saturating: not measured here.
+    Read from ``/proc/cpuinfo`` on Linux, else from numpy's CPU features (which know AVX512-VNNI but
+    not AVX-VNNI).
+    """
+    if platform.machine().lower() not in X86:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            vnni = cpuinfo_has_vnni(handle.read())
+    except OSError:
+        vnni = None
+    if vnni is None:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+        except ImportError:  # numpy < 2
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        vnni = bool(features.get("AVX512VNNI", False))
+    return not vnni
+
+
+def cpuinfo_has_vnni(text: str) -> bool | None:
+    """Whether the first ``flags`` line of a Linux ``/proc/cpuinfo`` names AVX512-VNNI or AVX-VNNI;
+    ``None`` without such a line."""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.partition(":")[2].split()) & {"avx512_vnni", "avx_vnni"})
+    return None
+
+
+def default_int8_weights() -> str:
+    """``eat-export --int8``'s weights when none are asked for: ``u8`` where signed 8-bit products can
+    saturate on the exporting CPU (:func:`int8_saturates`), else ``s8`` (the fastest)."""
+    return "u8" if int8_saturates() else "s8"
+
+
 def make_session(path: str, threads: int | None = None) -> Any:
     """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads (default:
     :func:`default_threads`).
@@ -208,6 +265,14 @@ def open_onnx(path: Union[str, "os.PathLike[str]"], threads: int | None = None) 
     wanted = {FEATURES_NAME} | ({LOGITS_NAME} if meta.kind == "classifier" else set())
     if inputs != [INPUT_NAME] or not wanted <= outputs:
         raise ModelLoadError(f"{name}: the graph's inputs {inputs} / outputs {sorted(outputs)} are not eat-export's")
+    if meta.int8 and meta.int8_check.get("weights", "s8") == "s8" and int8_saturates():
+        warnings.warn(
+            f"{name} has signed 8-bit int8 weights, whose products can saturate on this CPU (x86 without VNNI), "
+            "which moves its outputs further from fp32 (random EAT-base: frame cosine 0.9989 instead of 0.9998). "
+            "Export it again with eat-export --int8 --int8-weights u8 (exact, slower here; the default on such "
+            "a CPU) or s7 (as fast as s8, nearer to fp32)",
+            stacklevel=2,
+        )
     return session, meta
 
 

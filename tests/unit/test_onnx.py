@@ -258,23 +258,33 @@ def test_int8_cls_products_keep_their_activations_precise(files: dict, tmp_path:
             assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
 
 
-def test_residual_int8_product_is_float_activations_on_int8_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["s8", "s7", "u8"])
+def test_residual_int8_product_is_float_activations_on_int8_weights(tmp_path: Path, weights: str) -> None:
     """The residual product equals float activations times the dequantised int8 weights to ~16-bit
-    precision of the activations, far closer than one int8 rounding of them (what --int8-cls does)."""
+    precision of the activations, far closer than one int8 rounding of them (what --int8-cls does),
+    for every form of --int8-weights (s8 only where its products cannot saturate)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from eat_fairseq.inference.onnx_export import _residual_int8_matmul
+    from eat_fairseq.inference.onnx_format import int8_saturates
+
+    if weights == "s8" and int8_saturates():
+        pytest.skip("signed 8-bit products saturate on this CPU (x86 without VNNI)")
 
     rng = np.random.default_rng(0)
     n_in, n_out = 64, 48
     # a large common vector with small variation across rows, like a trained model's CLS token
     x = (rng.normal(size=(1, n_in)) + 0.01 * rng.normal(size=(5, n_in))).astype(np.float32)
     w = rng.normal(size=(n_in, n_out)).astype(np.float32)
-    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    wq = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    top = 63 if weights == "s7" else 127
+    scale = (np.abs(w).max(axis=0) / top).astype(np.float32)
+    wq = np.clip(np.round(w / scale), -top, top).astype(np.int8)
     want = x @ (wq.astype(np.float32) * scale)
+    zero = np.zeros(n_out, np.int8)
+    if weights == "u8":  # the same values stored unsigned, zero point 128
+        wq, zero = (wq.astype(np.int16) + 128).astype(np.uint8), np.full(n_out, 128, np.uint8)
     product = helper.make_node("MatMul", ["x", "w"], ["y"], name="p")
     nodes = _residual_int8_matmul(onnx, product, "wq", "ws", "wz")
     once = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
@@ -285,7 +295,7 @@ def test_residual_int8_product_is_float_activations_on_int8_weights(tmp_path: Pa
         nodes + once, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n_in])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None, n_out]) for o in ("y", "y1")],
         [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(scale, "ws"),
-         numpy_helper.from_array(np.zeros(n_out, np.int8), "wz")],
+         numpy_helper.from_array(zero, "wz")],
     )
     path = str(tmp_path / "residual.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
@@ -368,6 +378,118 @@ def test_int8_keeps_the_last_blocks_fp32_when_asked(files: dict, tmp_path: Path,
     assert "--int8" in capsys.readouterr().err
     assert export_main([str(files["pre.pt"]), str(tmp_path / "k3.onnx"), "--int8-cls"]) == 2
     assert "--int8-cls goes with --int8" in capsys.readouterr().err
+
+
+def _saturation_graph(weight_dtype: type, weight: int, zero_point: int) -> tuple[int, int]:
+    """One MatMulInteger of uint8 255s by constant weights (K = 64): (onnxruntime's sum, the exact sum)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 64
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 8])],
+        [numpy_helper.from_array(np.full((k, 8), weight, weight_dtype), "b"),
+         numpy_helper.from_array(np.array(0, np.uint8), "az"),
+         numpy_helper.from_array(np.array(zero_point, weight_dtype), "bz")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"a": np.full((4, k), 255, np.uint8)})[0]
+    return int(got[0, 0]), 255 * (weight - zero_point) * k
+
+
+def test_signed_int8_products_saturate_exactly_where_detected() -> None:
+    """The reason for --int8-weights: uint8 x int8 sums are clipped to 16 bits in pairs on x86 without
+    VNNI (64 x 255 x 127 comes out as 32 x 32,767), uint8 x uint8 ones never are; int8_saturates()
+    says which CPU this is, so on every machine one of the two branches checks it."""
+    from eat_fairseq.inference.onnx_format import int8_saturates
+
+    signed, exact = _saturation_graph(np.int8, 127, 0)
+    unsigned, exact_u = _saturation_graph(np.uint8, 255, 128)
+    assert unsigned == exact_u
+    if int8_saturates():
+        assert signed == 32 * 32767 != exact
+    else:
+        assert signed == exact
+
+
+def test_cpuinfo_flags_and_the_default_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import eat_fairseq.inference.onnx_format as fmt
+
+    assert fmt.cpuinfo_has_vnni("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n") is True
+    assert fmt.cpuinfo_has_vnni("flags\t\t: fpu avx avx_vnni\nflags : x\n") is True
+    assert fmt.cpuinfo_has_vnni("flags : fpu sse2 avx avx2 fma\n") is False
+    assert fmt.cpuinfo_has_vnni("Features : fp asimd\n") is None
+    monkeypatch.setattr(fmt.platform, "machine", lambda: "aarch64")
+    fmt.int8_saturates.cache_clear()
+    try:
+        assert fmt.int8_saturates() is False and fmt.default_int8_weights() == "s8"
+    finally:
+        fmt.int8_saturates.cache_clear()
+    monkeypatch.setattr(fmt, "int8_saturates", lambda: True)
+    assert fmt.default_int8_weights() == "u8"
+
+
+@pytest.mark.filterwarnings("ignore:.*can saturate on this CPU")
+@pytest.mark.parametrize("weights", ["s8", "s7", "u8"])
+def test_int8_weights_forms(files: dict, tmp_path: Path, weights: str) -> None:
+    """--int8-weights: s8 uses the full signed range, s7 half of it (no pair of products can pass
+    16 bits), u8 unsigned weights with their own zero points; the choice is stored and reported,
+    and every form stays near fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    report = export_onnx(load_model(files["pre.pt"]), tmp_path / f"{weights}.onnx", int8=True, int8_weights=weights)
+    model = onnx.load(report.path)
+    stored = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
+    assert stored and {w.dtype for w in stored} == {np.dtype(np.uint8 if weights == "u8" else np.int8)}
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in stored)
+    if weights == "s8":
+        assert peak == 127
+    elif weights == "s7":
+        assert peak <= 64
+    else:
+        assert max(int(w.max()) for w in stored) == 255 and min(int(w.min()) for w in stored) == 0
+    assert report.int8_check["weights"] == weights and f"int8 weights: {weights}" in "\n".join(report.lines())
+    loaded = load_model(report.path)
+    assert loaded.metadata.int8_check["weights"] == weights
+    for a, b in zip(loaded.extract(clips()), load_model(files["pre.onnx"]).extract(clips())):
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_int8_weights_default_and_warning(files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --int8-weights the exporting CPU decides (u8 where s8 saturates); loading an s8 file
+    where it saturates warns, a u8 or s7 file does not; bad values and --int8-weights without --int8
+    are refused."""
+    import warnings
+
+    import eat_fairseq.inference.onnx_export as onnx_export
+    import eat_fairseq.inference.onnx_format as fmt
+
+    monkeypatch.setattr(fmt, "int8_saturates", lambda: True)
+    monkeypatch.setattr(onnx_export, "int8_saturates", lambda: True)
+    report = export_onnx(load_model(files["pre.pt"]), tmp_path / "auto.onnx", int8=True)
+    assert report.int8_check["weights"] == "u8" and report.int8_check["saturating_cpu"] is True
+    s8 = export_onnx(load_model(files["pre.pt"]), tmp_path / "s8.onnx", int8=True, int8_weights="s8").path
+    with pytest.warns(UserWarning, match="saturate on this CPU"):
+        load_model(s8)
+    for path in (report.path, files["pre.onnx"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_model(path)
+    monkeypatch.setattr(fmt, "int8_saturates", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(s8)
+    with pytest.raises(ValueError, match="int8_weights must be one of"):
+        export_onnx(load_model(files["pre.pt"]), tmp_path / "x.onnx", int8=True, int8_weights="s4")
+    with pytest.raises(ValueError, match="int8_weights goes with int8"):
+        export_onnx(load_model(files["pre.pt"]), tmp_path / "x.onnx", int8_weights="u8")
+    assert export_main([str(files["pre.pt"]), str(tmp_path / "y.onnx"), "--int8-weights", "s7"]) == 2
+    assert "--int8-weights goes with --int8" in capsys.readouterr().err
 
 
 def test_hear_accepts_onnx(files: dict) -> None:
