@@ -7,9 +7,11 @@ script's ``--help`` answers without waiting for torch.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
-from typing import Optional
+import warnings
+from typing import Any, Callable, Optional
 
 THREADS_HELP = (
     "CPU threads of torch and of onnxruntime for .onnx models (default: $OMP_NUM_THREADS when set, "
@@ -79,3 +81,23 @@ def fail(prog: str, message: str, status: int) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return status
 
+
+
+def plain_warnings(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a CLI ``main``: while it runs, the library's warnings are printed as one line,
+    ``prog: warning: message``, without Python's file and source line (which name our code, not the
+    user's problem)."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            with warnings.catch_warnings():
+                warnings.showwarning = show
+                return main(*args, **kwargs)
+
+        return run
+
+    return decorate

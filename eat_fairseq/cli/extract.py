@@ -51,6 +51,7 @@ from eat_fairseq.cli.common import (
     device_error,
     fail,
     one_line,
+    plain_warnings,
 )
 
 if TYPE_CHECKING:
@@ -427,6 +428,7 @@ def planned_outputs(
     return per_clip, [*owners, out_dir / "errors.tsv"]
 
 
+@plain_warnings("eat-extract")
 def main(argv: Optional[list[str]] = None) -> int:
     """Run ``eat-extract``; returns the exit status (module docstring)."""
     parser = build_parser()

@@ -32,7 +32,7 @@ import json
 import sys
 from typing import Any, Optional
 
-from eat_fairseq.cli.common import fail
+from eat_fairseq.cli.common import fail, plain_warnings
 from eat_fairseq.cli.extract import (
     InputError,
     add_model_arguments,
@@ -86,6 +86,7 @@ def display_names(model_labels: list[str], path: str) -> tuple[list[str], Option
     )
 
 
+@plain_warnings("eat-tag")
 def main(argv: Optional[list[str]] = None) -> int:
     """Run ``eat-tag``; returns the exit status (module docstring)."""
     parser = build_parser()

@@ -484,6 +484,12 @@ def test_int8_weights_default_and_warning(files: dict, tmp_path: Path, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(s8)
+    monkeypatch.setattr(fmt, "int8_saturates", lambda: True)
+    wav = tmp_path / "tone.wav"
+    sf.write(wav, tone(1.0, seed=1), 16000)
+    assert extract_main(["--checkpoint", s8, str(wav), "--out", str(tmp_path / "emb"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "eat-extract: warning: " in err and "saturate on this CPU" in err and "UserWarning" not in err
     with pytest.raises(ValueError, match="int8_weights must be one of"):
         export_onnx(load_model(files["pre.pt"]), tmp_path / "x.onnx", int8=True, int8_weights="s4")
     with pytest.raises(ValueError, match="int8_weights goes with int8"):
