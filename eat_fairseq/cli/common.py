@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import sys
 import warnings
@@ -84,17 +85,24 @@ def fail(prog: str, message: str, status: int) -> int:
 
 
 def plain_warnings(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate a CLI ``main``: while it runs, the library's warnings are printed as one line,
+    """Decorate a CLI ``main``: while it runs, this package's warnings are printed as one line,
     ``prog: warning: message``, without Python's file and source line (which name our code, not the
-    user's problem)."""
-
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        print(f"{prog}: warning: {message}", file=sys.stderr)
+    user's problem); other libraries' warnings are shown as Python shows them."""
+    package = os.sep + "eat_fairseq" + os.sep
 
     def decorate(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args: Any, **kwargs: Any) -> int:
             with warnings.catch_warnings():
+                other = warnings.showwarning
+
+                def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                         line: Any = None) -> None:
+                    if package in filename:
+                        print(f"{prog}: warning: {message}", file=sys.stderr)
+                    else:
+                        other(message, category, filename, lineno, file, line)
+
                 warnings.showwarning = show
                 return main(*args, **kwargs)
 

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-weights",
         choices=INT8_WEIGHTS,
         default=None,
-        help="with --int8: s8 = signed 8-bit (fastest; its products can saturate on x86 CPUs without VNNI), "
-        "s7 = signed 7-bit (no saturation, as fast, coarser), u8 = unsigned 8-bit (no saturation, exact; "
-        "slower without VNNI); default u8 on an x86 CPU without VNNI (AVX2), else s8",
+        help="with --int8: s8 = signed 8-bit (fastest; its products saturate on x86 CPUs with AVX2 but without "
+        "VNNI), s7 = signed 7-bit (no saturation, about as fast, coarser), u8 = unsigned 8-bit (no saturation; "
+        "20%% slower on AVX2); default: u8 if THIS CPU saturates, else s8. For a file that will run on CPUs "
+        "you do not know, choose u8 or s7",
     )
     parser.add_argument(
         "--int8-cls",

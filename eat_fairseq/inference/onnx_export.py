@@ -32,8 +32,9 @@ outputs: random EAT-base on an AVX2 EPYC, frame cosine to fp32 at least 0.99894 
 So ``int8_weights`` (``eat-export --int8-weights``) chooses how the weights are stored: ``s8``
 (signed 8-bit, the fastest; exact with VNNI; ARM not measured), ``s7`` (signed 7-bit, onnxruntime's
 ``reduce_range``: no sum can clip, the same speed as ``s8``, twice its weight rounding step: 0.99929
-there) or ``u8`` (unsigned 8-bit with a zero point per channel: onnxruntime widens the products to
-16 bits first, so nothing clips: 0.99982, encoder 20% slower than ``s8`` on that AVX2 CPU). The
+there; 3% slower) or ``u8`` (unsigned 8-bit with a zero point per channel: onnxruntime widens the
+operands to 16 bits and sums the products in 32, so nothing clips: 0.99982, encoder 20% slower than
+``s8`` on that AVX2 CPU; not measured on a CPU with VNNI). The
 default follows the exporting CPU (:func:`~eat_fairseq.inference.onnx_format.default_int8_weights`:
 ``u8`` on x86 without VNNI, else ``s8``), the choice is stored in the metadata, and loading an ``s8``
 file on a CPU where it saturates warns.
@@ -480,6 +481,8 @@ def _quantize(src: str, dst: str, keep_fp32: Sequence[int] = (), weights: str = 
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if weights not in INT8_WEIGHTS:
+        raise ValueError(f"int8 weights must be one of {', '.join(INT8_WEIGHTS)}, got {weights!r}")
     onnx = _import_onnx()
     keep = {int(b) for b in keep_fp32}
     source = onnx.load(src)

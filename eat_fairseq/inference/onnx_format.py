@@ -171,34 +171,40 @@ def int8_saturates() -> bool:
     activations by int8 weights with ``vpmaddubsw``, which adds two products into 16 bits and clips
     sums beyond 32,767 (255 x 127 x 2 = 64,770). Measured on an AVX2 EPYC with random EAT-base
     weights, one thread: frame cosine to fp32 at least 0.99894 with ``s8`` weights, 0.99929 with ``s7``
-    (no sum can clip; twice the weight rounding step) at the same speed, 0.99982 with ``u8`` (products
-    widened to 16 bits first: exact, 20% slower encoder). With VNNI (``vpdpbusd`` adds into 32 bits)
-    nothing saturates. Other architectures (ARM) are taken as not saturating: not measured here.
-    Read from ``/proc/cpuinfo`` on Linux, else from numpy's CPU features (which know AVX512-VNNI but
-    not AVX-VNNI).
+    (weights in [-64, 64]: no pair can pass 32,767; twice the weight rounding step) at about the same
+    speed (3% slower), 0.99982 with ``u8`` (operands widened to 16 bits, products summed in 32 bits:
+    no integer sum is clipped; encoder 20% slower). With VNNI (``vpdpbusd`` sums into 32 bits) nothing
+    saturates; x86 without AVX2 is taken as not saturating (onnxruntime's SSE kernel on Linux sums in
+    32 bits), and so are other architectures (ARM; not measured here). Read from ``/proc/cpuinfo`` on
+    Linux, else from numpy's CPU features (which know AVX512-VNNI but not AVX-VNNI).
+    onnxruntime's own remedy, the session option ``session.x64quantprecision=1`` (U8S8 products
+    turned into U8U8 at load), fails on eat-export's default int8 files: their CLS-row products share
+    the patch rows' weights and the conversion stops with "Attempt to replace the existing tensor"
+    (onnxruntime 1.32), so the weights' form is chosen at export instead.
     """
     if platform.machine().lower() not in X86:
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            vnni = cpuinfo_has_vnni(handle.read())
+            saturates = cpuinfo_saturates(handle.read())
     except OSError:
-        vnni = None
-    if vnni is None:
+        saturates = None
+    if saturates is None:
         try:
             from numpy._core._multiarray_umath import __cpu_features__ as features
         except ImportError:  # numpy < 2
             from numpy.core._multiarray_umath import __cpu_features__ as features
-        vnni = bool(features.get("AVX512VNNI", False))
-    return not vnni
+        saturates = bool(features.get("AVX2", False)) and not features.get("AVX512VNNI", False)
+    return saturates
 
 
-def cpuinfo_has_vnni(text: str) -> bool | None:
-    """Whether the first ``flags`` line of a Linux ``/proc/cpuinfo`` names AVX512-VNNI or AVX-VNNI;
-    ``None`` without such a line."""
+def cpuinfo_saturates(text: str) -> bool | None:
+    """From a Linux ``/proc/cpuinfo``'s first ``flags`` line: AVX2 without AVX512-VNNI or AVX-VNNI
+    (:func:`int8_saturates`); ``None`` without such a line."""
     for line in text.splitlines():
         if line.startswith("flags"):
-            return bool(set(line.partition(":")[2].split()) & {"avx512_vnni", "avx_vnni"})
+            flags = set(line.partition(":")[2].split())
+            return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
     return None
 
 
@@ -265,12 +271,14 @@ def open_onnx(path: Union[str, "os.PathLike[str]"], threads: int | None = None) 
     wanted = {FEATURES_NAME} | ({LOGITS_NAME} if meta.kind == "classifier" else set())
     if inputs != [INPUT_NAME] or not wanted <= outputs:
         raise ModelLoadError(f"{name}: the graph's inputs {inputs} / outputs {sorted(outputs)} are not eat-export's")
-    if meta.int8 and meta.int8_check.get("weights", "s8") == "s8" and int8_saturates():
+    check = meta.int8_check if isinstance(meta.int8_check, dict) else {}
+    int8_blocks = check.get("fp32_blocks", 0) < meta.layer + 1  # 0 when every exported block stayed fp32
+    if meta.int8 and int8_blocks and check.get("weights", "s8") == "s8" and int8_saturates():
         warnings.warn(
             f"{name} has signed 8-bit int8 weights, whose products can saturate on this CPU (x86 without VNNI), "
             "which moves its outputs further from fp32 (random EAT-base: frame cosine 0.9989 instead of 0.9998). "
-            "Export it again with eat-export --int8 --int8-weights u8 (exact, slower here; the default on such "
-            "a CPU) or s7 (as fast as s8, nearer to fp32)",
+            "Export it again with eat-export --int8 --int8-weights u8 (no saturation, 20% slower here; the "
+            "default on such a CPU) or s7 (about as fast as s8, nearer to fp32)",
             stacklevel=2,
         )
     return session, meta

@@ -278,7 +278,7 @@ def test_residual_int8_product_is_float_activations_on_int8_weights(tmp_path: Pa
     # a large common vector with small variation across rows, like a trained model's CLS token
     x = (rng.normal(size=(1, n_in)) + 0.01 * rng.normal(size=(5, n_in))).astype(np.float32)
     w = rng.normal(size=(n_in, n_out)).astype(np.float32)
-    top = 63 if weights == "s7" else 127
+    top = 64 if weights == "s7" else 127  # onnxruntime's reduced range is [-64, 64]
     scale = (np.abs(w).max(axis=0) / top).astype(np.float32)
     wq = np.clip(np.round(w / scale), -top, top).astype(np.int8)
     want = x @ (wq.astype(np.float32) * scale)
@@ -418,10 +418,11 @@ def test_signed_int8_products_saturate_exactly_where_detected() -> None:
 def test_cpuinfo_flags_and_the_default_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     import eat_fairseq.inference.onnx_format as fmt
 
-    assert fmt.cpuinfo_has_vnni("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n") is True
-    assert fmt.cpuinfo_has_vnni("flags\t\t: fpu avx avx_vnni\nflags : x\n") is True
-    assert fmt.cpuinfo_has_vnni("flags : fpu sse2 avx avx2 fma\n") is False
-    assert fmt.cpuinfo_has_vnni("Features : fp asimd\n") is None
+    assert fmt.cpuinfo_saturates("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n") is False
+    assert fmt.cpuinfo_saturates("flags\t\t: fpu avx avx2 avx_vnni\nflags : x\n") is False
+    assert fmt.cpuinfo_saturates("flags : fpu sse2 avx avx2 fma\n") is True
+    assert fmt.cpuinfo_saturates("flags : fpu sse2 sse4_2\n") is False  # SSE kernel: 32-bit sums
+    assert fmt.cpuinfo_saturates("Features : fp asimd\n") is None
     monkeypatch.setattr(fmt.platform, "machine", lambda: "aarch64")
     fmt.int8_saturates.cache_clear()
     try:
@@ -430,6 +431,24 @@ def test_cpuinfo_flags_and_the_default_weights(monkeypatch: pytest.MonkeyPatch) 
         fmt.int8_saturates.cache_clear()
     monkeypatch.setattr(fmt, "int8_saturates", lambda: True)
     assert fmt.default_int8_weights() == "u8"
+
+
+def test_plain_warnings_rewrite_only_our_own(capsys: pytest.CaptureFixture[str]) -> None:
+    import warnings
+
+    from eat_fairseq.cli.common import plain_warnings
+
+    @plain_warnings("prog")
+    def main() -> int:
+        warnings.warn_explicit("ours", UserWarning, os.path.join("site", "eat_fairseq", "m.py"), 1)
+        warnings.warn_explicit("theirs", UserWarning, os.path.join("site", "numpy", "m.py"), 1)
+        return 3
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main() == 3
+    assert capsys.readouterr().err == "prog: warning: ours\n"
+    assert [str(w.message) for w in seen] == ["theirs"]
 
 
 @pytest.mark.filterwarnings("ignore:.*can saturate on this CPU")
@@ -476,7 +495,9 @@ def test_int8_weights_default_and_warning(files: dict, tmp_path: Path, monkeypat
     s8 = export_onnx(load_model(files["pre.pt"]), tmp_path / "s8.onnx", int8=True, int8_weights="s8").path
     with pytest.warns(UserWarning, match="saturate on this CPU"):
         load_model(s8)
-    for path in (report.path, files["pre.onnx"]):
+    all_fp32 = export_onnx(load_model(files["pre.pt"]), tmp_path / "k.onnx", int8=True, int8_weights="s8",
+                           fp32_blocks=files["reports"]["pre.onnx"].depth).path  # no int8 product left
+    for path in (report.path, files["pre.onnx"], all_fp32):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_model(path)
