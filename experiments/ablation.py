@@ -266,7 +266,47 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
                  "splits ahead).")
     if base_combined:
         lines += ["", *per_seed_lines(base_combined)]
+    crossing = crossing_lines(out, runs)
+    if crossing:
+        lines += ["", *crossing]
     return "\n".join(lines), numbers
+
+
+def crossing_lines(out: str, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """When each run's online probe (the student's logistic regression) first rose above the log-mel
+    baseline (``eat_fairseq.cli.curves.baseline_crossings`` on the run's TensorBoard or text log).
+    Runs without an online probe are left out."""
+    from eat_fairseq.cli.curves import baseline_crossings, read_run
+
+    rows = []
+    for variant, by_seed in runs.items():
+        for seed, record in sorted(by_seed.items()):
+            folder = os.path.join(out, variant, f"seed{seed}", "pretrain")
+            try:
+                found = baseline_crossings(read_run(folder))
+            except (OSError, ValueError):
+                continue
+            crossing = next((c for c in found if c.probe == "probe_student_logreg"), None)
+            if crossing is None:
+                continue
+            interval = next((o.split("=", 1)[1] for o in record.get("overrides", [])
+                             if o.startswith("task.probe_interval_updates=")), "?")
+            if crossing.update is None:
+                when = f"not by {record.get('max_update', '?')}"
+                minutes = "-"
+            else:
+                when = (f"<= {crossing.update}" if crossing.update == crossing.first_probe else str(crossing.update))
+                minutes = f"{crossing.minutes:.0f}" if crossing.minutes is not None else "-"
+            rows.append(f"| {variant} | {seed} | {interval} | {100 * crossing.baseline:.1f} | {when} | {minutes} "
+                        f"| {100 * crossing.value:.1f} |")
+    if not rows:
+        return []
+    return ["### online probe: first update above log-mel", "",
+            "| variant | seed | probe every | log-mel | update | wall minutes | student then |",
+            "|---|---|---|---|---|---|---|", *rows, "",
+            "The online probe of the run (its set, block and pooling: the run's `task.probe_*` settings), "
+            "logistic regression, %; `<= N`: above at the first probe. Wall minutes: fairseq's clock at that "
+            "update, the probes' time and any other load on the machine included."]
 
 
 def per_seed_lines(base_combined: dict[str, tuple[list[int], dict[str, Any]]]) -> list[str]:

@@ -27,7 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-__all__ = ["RunScalars", "read_run", "read_event_file", "read_text_log", "panel_of", "panels", "drawn_series", "plot_run"]
+__all__ = ["RunScalars", "read_run", "read_event_file", "read_text_log", "panel_of", "panels", "drawn_series",
+           "BaselineCrossing", "baseline_crossings", "plot_run"]
 
 Series = dict[tuple[str, str], dict[int, float]]
 
@@ -309,6 +310,55 @@ def drawn_series(run: RunScalars) -> Series:
     return drawn
 
 
+@dataclass
+class BaselineCrossing:
+    """When an online probe's accuracy first rose above the log-mel baseline of the same classifier.
+
+    ``update`` is the first probe whose score is above ``baseline`` (None: never); a run that passes at
+    ``first_probe`` passed at or before it, so the probe interval bounds what can be told. ``minutes`` is
+    fairseq's wall clock at that update (from the start of training, the probes' own time included).
+    ``value`` is the score at ``update``, else the best score of the run."""
+
+    probe: str
+    baseline: float
+    first_probe: int
+    update: Optional[int]
+    minutes: Optional[float]
+    value: float
+
+    def describe(self) -> str:
+        if self.update is None:
+            return f"{self.probe} never above log-mel {self.baseline:.4f} (best {self.value:.4f})"
+        when = f"update {self.update}" + (f", {self.minutes:.1f} min" if self.minutes is not None else "")
+        first = " (the first probe: at or before it)" if self.update == self.first_probe else ""
+        return f"{self.probe} above log-mel {self.baseline:.4f} at {when}{first}: {self.value:.4f}"
+
+
+def baseline_crossings(run: RunScalars) -> list[BaselineCrossing]:
+    """For each online-probe accuracy ``probe_{model}_{classifier}`` whose baseline
+    ``probe_logmel_{classifier}`` is logged, where it first passed that baseline (``train_inner`` lines,
+    one point per probe as drawn)."""
+    series = drawn_series(run)
+    wall = run.series.get(("train_inner", "wall"), {})
+    found = []
+    for (tag, name), points in sorted(series.items()):
+        if tag != "train_inner" or not name.startswith("probe_") or name.startswith("probe_logmel_") or not points:
+            continue
+        suffix = next((s for s in PROBE_ACCURACY_SUFFIXES if name.endswith(s)), None)
+        baseline = series.get((tag, f"probe_logmel{suffix}")) if suffix else None
+        if not baseline:
+            continue
+        level = baseline[min(baseline)]
+        ordered = sorted(points.items())
+        above = next(((step, value) for step, value in ordered if value > level), None)
+        if above is None:
+            found.append(BaselineCrossing(name, level, ordered[0][0], None, None, max(v for _, v in ordered)))
+        else:
+            minutes = wall[above[0]] / 60.0 if above[0] in wall else None
+            found.append(BaselineCrossing(name, level, ordered[0][0], above[0], minutes, above[1]))
+    return found
+
+
 def panels(run: RunScalars) -> dict[str, list[tuple[str, str]]]:
     """Panel title -> the ``(tag, name)`` series drawn in it, in :data:`PANEL_ORDER`."""
     series = drawn_series(run)
@@ -326,7 +376,8 @@ def panels(run: RunScalars) -> dict[str, list[tuple[str, str]]]:
 def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
     """Draw the curves of ``path`` (run folder or log file) into the PNG ``out``.
 
-    Returns ``{"out", "source", "panels": {title: [series labels]}, "points"}``. Raises
+    Returns ``{"out", "source", "panels": {title: [series labels]}, "points", "crossings"}`` (the last:
+    :func:`baseline_crossings`). Raises
     ``FileNotFoundError``/``ValueError`` (see :func:`read_run`) and ``ImportError`` without matplotlib.
     """
     run = read_run(path)
@@ -389,4 +440,5 @@ def plot_run(path: str, out: str, title: Optional[str] = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return {"out": out, "source": run.source, "panels": labels, "points": points}
+    return {"out": out, "source": run.source, "panels": labels, "points": points,
+            "crossings": baseline_crossings(run)}

@@ -6,7 +6,8 @@ RUN_DIR is a run's checkpoint folder (the recipes write TensorBoard logs to ``{s
 folder holding event files, or a folder with / the path of a fairseq text log (``hydra_train.log``).
 Panels: loss terms, learning rate, validation metrics (accuracy, mAP, AUC), ``probe_*`` scalars
 (accuracies and diagnostics apart) and the pre-training target / prediction variance, each drawn when
-present (:mod:`eat_fairseq.cli.curves`). Needs matplotlib (``pip install eat_fairseq[plot]``).
+present (:mod:`eat_fairseq.cli.curves`). With an online probe it also prints, for each of its scores,
+the first update (and minute) at which it rose above the log-mel baseline. Needs matplotlib (``pip install eat_fairseq[plot]``).
 
 Exit status: 0 written; 1 nothing to plot or matplotlib missing; 2 RUN_DIR does not exist.
 """
@@ -51,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{prog}: wrote {summary['out']} ({summary['points']} points from the {summary['source']})")
     for panel, labels in summary["panels"].items():
         print(f"  {panel}: {', '.join(labels)}")
+    for crossing in summary["crossings"]:
+        print(f"  online probe: {crossing.describe()}")
     return 0
 
 

@@ -148,3 +148,29 @@ def test_a_weighted_frame_term_replaces_frame_loss_in_the_loss_panel(tmp_path: P
     names = [name for _, name in panels(run)["loss"]]
     assert "frame_term" in names and "frame_loss" not in names and "utterance_term" in names
     assert ("train_inner", "frame_loss") not in drawn_series(run)
+
+
+def test_baseline_crossing_is_the_first_probe_above_log_mel(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Minutes to pass log-mel (issue 21): the first probe above the baseline, its update and wall clock;
+    a score that never passes says so with its best; the first probe is flagged (only "at or before")."""
+    from eat_fairseq.cli.curves import baseline_crossings
+
+    text = SHORT_RUN.replace('"num_updates": "6"', '"num_updates": "6", "wall": "90"').replace(
+        '"probe_student_logreg": "0.5"', '"probe_student_logreg": "0.5", "probe_student_knn": "0.9", '
+        '"probe_logmel_knn": "0.8"')
+    log = _write(tmp_path / "hydra_train.log", text)
+    found = {c.probe: c for c in baseline_crossings(read_text_log(str(log)))}
+    assert set(found) == {"probe_student_logreg", "probe_student_knn"}  # no baseline for others, none for itself
+    logreg = found["probe_student_logreg"]
+    # 0.5 at updates 3-5 (not above 0.6), 0.75 at update 6, logged at wall 90 s
+    assert (logreg.update, logreg.first_probe, logreg.minutes, logreg.value) == (6, 3, 1.5, 0.75)
+    assert "at update 6, 1.5 min: 0.7500" in logreg.describe()
+    knn = found["probe_student_knn"]  # 0.9 > 0.8 at the first probe; no wall logged there
+    assert (knn.update, knn.minutes) == (3, None) and "the first probe: at or before it" in knn.describe()
+    never = baseline_crossings(read_text_log(str(_write(tmp_path / "never.log", SHORT_RUN.replace('"0.75"', '"0.55"')))))
+    assert never[0].update is None and never[0].describe() == (
+        "probe_student_logreg never above log-mel 0.6000 (best 0.5500)")
+    pytest.importorskip("matplotlib")
+    assert plot_main([str(log), "--out", str(tmp_path / "c.png")]) == 0
+    assert "online probe: probe_student_logreg above log-mel 0.6000 at update 6, 1.5 min" in capsys.readouterr().out
