@@ -220,12 +220,13 @@ def convert(src: str, dst: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- the pool
 
-def check_out(out: str, force: bool) -> None:
-    """Refuse an existing non-empty ``out`` unless ``force``."""
+def check_out(out: str, force: bool, error: type[Exception] = PoolError) -> None:
+    """Refuse an existing ``out`` (a file, or a non-empty folder) unless ``force``; raises ``error``
+    (the held-out set builders pass their own)."""
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise PoolError(f"--out {out} exists and is not a folder")
+        raise error(f"--out {out} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:
-        raise PoolError(f"--out {out} exists and is not empty; pass --force to replace it")
+        raise error(f"--out {out} exists and is not empty; pass --force to replace it")
 
 
 def build_pool(out: str, cache: Optional[str] = None, packages: Sequence[str] = PACKAGES, seg_s: float = 10.0,

@@ -113,8 +113,8 @@ def speaker_splits(speakers_dir: str) -> list[str]:
 
 
 def write_fold_data(speakers_dir: str, fold: dict[str, Any], dest: str) -> str:
-    """The fold's data folder: train.tsv/.lbl concatenated from the train speakers (paths rewritten
-    against their common root), valid/test and label_descriptors.csv as symlinks. Rebuilt every time
+    """The fold's data folder: train.tsv/.lbl concatenated from the train speakers (addresses, span and
+    shard rows included, rewritten against their common root), valid/test and label_descriptors.csv as symlinks. Rebuilt every time
     (it is derived from ``speakers_dir``)."""
     from eat_fairseq.data.manifest import read_manifest
     from eat_fairseq.prep.common import read_lines, write_manifest, write_text_atomic
@@ -126,8 +126,9 @@ def write_fold_data(speakers_dir: str, fold: dict[str, Any], dest: str) -> str:
     rows: list[tuple[str, int]] = []
     labels: list[str] = []
     for name in fold["train"]:
-        _, manifest_rows = read_manifest(os.path.join(src, f"{name}.tsv"))
-        rows += [(os.path.abspath(r.path), r.num_samples) for r in manifest_rows]
+        root, manifest_rows = read_manifest(os.path.join(src, f"{name}.tsv"))
+        # the address as written (a span's or shard's range kept), re-rooted below
+        rows += [(os.path.abspath(os.path.join(root, r.rel)), r.num_samples) for r in manifest_rows]
         labels += [line for line in read_lines(os.path.join(src, f"{name}.lbl")) if line.strip()]
     root = os.path.commonpath([os.path.dirname(p) for p, _ in rows])
     write_manifest(Path(dest, "train.tsv"), root, ((os.path.relpath(p, root), n) for p, n in rows))

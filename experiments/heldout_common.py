@@ -159,11 +159,8 @@ def ensure_commands(packages: Mapping[str, str]) -> None:
 # ---------------------------------------------------------------- the set
 
 def check_out(out: str, force: bool) -> None:
-    """Refuse an existing ``out`` (file, or non-empty folder) unless ``force``."""
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise SetError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise SetError(f"--out {out} exists and is not empty; pass --force to replace it")
+    """Refuse an existing ``out`` (file, or non-empty folder) unless ``force`` (the pool's rule)."""
+    pool.check_out(out, force, SetError)
 
 
 def build_set(out: str, sources: Sequence[Source], labels: Sequence[str], num_folds: int = 5,

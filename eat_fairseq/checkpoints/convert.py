@@ -40,8 +40,15 @@ from eat_fairseq.checkpoints.atomic import atomic_write
 from eat_fairseq.checkpoints.load import CheckpointError, load_checkpoint, load_safetensors, to_plain
 from eat_fairseq.model.encoder import EncoderConfig
 from eat_fairseq.model.pretraining import PretrainConfig
-from eat_fairseq.checkpoints.released_cfg import released_finetuning_cfg, released_pretraining_cfg
-from eat_fairseq.checkpoints.weights import extend_positions, from_hf, from_released, infer_encoder_config, to_released
+from eat_fairseq.checkpoints.released_cfg import finetune_dataset_kind, released_finetuning_cfg, released_pretraining_cfg
+from eat_fairseq.checkpoints.weights import (
+    RELEASED_HEADS,
+    extend_positions,
+    from_hf,
+    from_released,
+    infer_encoder_config,
+    to_released,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +158,7 @@ def _heads_from(cfg_model: Any, embed_dim: int, default: int) -> int:
         value = dig(cfg_model, *path)
         if isinstance(value, int) and value > 0 and embed_dim % value == 0:
             return value
-    if embed_dim not in (768, 1024):
+    if embed_dim not in RELEASED_HEADS:
         # shapes fix the released sizes only; a wrong guess would load silently and compute garbage
         raise ConversionError(
             f"cannot tell the number of attention heads of a D={embed_dim} model: the source records none "
@@ -271,26 +278,16 @@ def _labels_to_ints(labels: Any) -> dict[str, int]:
 
 
 def _task_defaults(num_classes: int | None) -> dict[str, Any]:
-    """Feature settings per dataset: AudioSet (and pre-training), ESC-50 (50 classes), SPC-2 (35)."""
-    from eat_fairseq.data.features import (
-        AUDIOSET_MEAN,
-        AUDIOSET_STD,
-        ESC50_MEAN,
-        ESC50_STD,
-        SPEECHCOMMANDS_MEAN,
-        SPEECHCOMMANDS_STD,
-    )
+    """Feature settings per dataset: AudioSet (and pre-training), ESC-50 (50 classes), SPC-2 (35), from
+    the one source of each (:class:`~eat_fairseq.data.feature_settings.FeatureConfig`'s presets; which
+    dataset a head belongs to: :func:`~eat_fairseq.checkpoints.released_cfg.finetune_dataset_kind`)."""
+    from eat_fairseq.data.feature_settings import FeatureConfig
 
-    if num_classes == 50:
-        return {"target_length": 512, "norm_mean": ESC50_MEAN, "norm_std": ESC50_STD, "multi_label": False}
-    if num_classes == 35:
-        return {
-            "target_length": 128,
-            "norm_mean": SPEECHCOMMANDS_MEAN,
-            "norm_std": SPEECHCOMMANDS_STD,
-            "multi_label": True,
-        }
-    return {"target_length": 1024, "norm_mean": AUDIOSET_MEAN, "norm_std": AUDIOSET_STD, "multi_label": True}
+    kind = "audioset" if num_classes is None else finetune_dataset_kind(num_classes)
+    features = {"audioset": FeatureConfig.audioset, "esc50": FeatureConfig.esc50,
+                "spc2": FeatureConfig.speech_commands}[kind]()
+    return {"sample_rate": features.sample_rate, "target_length": features.target_length,
+            "norm_mean": features.norm_mean, "norm_std": features.norm_std, "multi_label": kind != "esc50"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,7 +315,6 @@ def build_checkpoint(
         task_cfg = {
             "_name": OUR_PRETRAIN_TASK,
             "data": "",
-            "sample_rate": 16000,
             **task,
             "clone_batch": pretrain_cfg.clone_batch,
             "mask_prob": pretrain_cfg.mask_prob,
@@ -330,7 +326,7 @@ def build_checkpoint(
     else:
         model_cfg = {"_name": OUR_CLS_MODEL, **model_cfg, "drop_path_rate": 0.1}
         model_cfg.update({"num_classes": int(num_classes or 0), "pooling": "cls"})
-        task_cfg = {"_name": OUR_CLS_TASK, "data": "", "sample_rate": 16000, **task, "seed": 1}
+        task_cfg = {"_name": OUR_CLS_TASK, "data": "", **task, "seed": 1}
         criterion = OUR_CLS_CRITERION
     task_cfg.update(task_overrides or {})
     return {

@@ -451,6 +451,7 @@ def restricted_pickle_module(path: str = "<checkpoint>") -> types.SimpleNamespac
 
 _CORRUPT_ERRORS = (
     pickle.UnpicklingError,
+    AssertionError,  # torch's legacy reader asserts on a damaged storage table
     EOFError,
     zipfile.BadZipFile,
     RuntimeError,
@@ -485,31 +486,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict:
+def load_checkpoint(path: str | os.PathLike, trusted: bool = False, mmap: bool = False) -> dict:
     """Load a fairseq / torch ``.pt`` checkpoint (zip or legacy format) onto the CPU.
 
     By default the file is read through the restricted unpickler (module docstring): tensors,
     containers, numpy values (scalars become Python numbers) and inert stand-ins for everything
     else; a file that asks for a code-running global raises :class:`UnsafeCheckpointError` before
     anything runs. ``trusted=True`` is the explicit opt-in to torch's full unpickling (only for
-    files you produced). A missing, corrupt, truncated or non-checkpoint file (top level not a
-    dict) raises :class:`CheckpointError` naming the file.
+    files you produced). ``mmap=True`` memory-maps the tensors instead of reading them (cheap when
+    only the stored configuration or update number is wanted); where that fails (a legacy non-zip
+    file, a filesystem without mmap) the file is read whole, the same answer. A missing, corrupt,
+    truncated or non-checkpoint file (top level not a dict) raises :class:`CheckpointError` naming
+    the file.
     """
     path = os.fspath(path)
     _check_readable(path)
-    try:
-        if trusted:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            obj = torch.load(
-                path, map_location="cpu", pickle_module=restricted_pickle_module(path), weights_only=False
-            )
-    except CheckpointError:
-        raise
-    except _CORRUPT_ERRORS as exc:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another format): {_describe(exc)}"
-        ) from exc
+    for mapped in (True, False) if mmap else (False,):
+        options: dict[str, Any] = {"mmap": True} if mapped else {}
+        if not trusted:
+            options["pickle_module"] = restricted_pickle_module(path)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, **options)
+            break
+        except CheckpointError:
+            raise  # the restricted unpickler refused the file: reading it whole would not change that
+        except _CORRUPT_ERRORS as exc:
+            if mapped:
+                continue
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (corrupt, truncated or another format): {_describe(exc)}"
+            ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path}: not a checkpoint: expected a dict at the top level, got {type(obj).__name__}"

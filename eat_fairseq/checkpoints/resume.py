@@ -21,9 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
-import torch
 
-from .load import CheckpointError, restricted_pickle_module, to_plain
+from .load import load_checkpoint, to_plain
 
 __all__ = [
     "SavedRun",
@@ -78,27 +77,11 @@ def read_saved_run(path: str) -> SavedRun:
     """The stored update number and configuration of a fairseq training checkpoint.
 
     Reads only the pickle record (tensors are memory-mapped, never read) through the restricted
-    unpickler, so it is cheap and safe for any file. Where memory-mapping fails (a legacy non-zip
-    file, a filesystem without mmap) the file is read whole instead, slower but the same answer.
-    Raises :class:`~eat_fairseq.checkpoints.load.CheckpointError` naming the file when it cannot be
-    read at all.
+    unpickler: :func:`~eat_fairseq.checkpoints.load.load_checkpoint` with ``mmap=True``, so it is cheap
+    and safe for any file. Raises :class:`~eat_fairseq.checkpoints.load.CheckpointError` naming the
+    file when it cannot be read at all.
     """
-    state: Any = None
-    for mmap in (True, False):
-        try:
-            state = torch.load(
-                path, map_location="cpu", mmap=mmap, pickle_module=restricted_pickle_module(path), weights_only=False
-            )
-            break
-        except CheckpointError:
-            raise  # the restricted unpickler refused the file: reading it whole would not change that
-        except Exception as exc:  # torch, zip and pickle each raise their own types for a bad file
-            if mmap:
-                continue
-            text = " ".join(str(exc).split())[:300] or type(exc).__name__
-            raise CheckpointError(f"{path}: cannot read its stored state ({type(exc).__name__}: {text})") from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (top level is {type(state).__name__})")
+    state = load_checkpoint(path, mmap=True)
     num_updates = None
     history = state.get("optimizer_history")
     if isinstance(history, (list, tuple)) and history and isinstance(history[-1], dict):

@@ -33,9 +33,12 @@ __all__ = [
     "to_hf",
     "extend_positions",
     "infer_encoder_config",
+    "RELEASED_HEADS",
 ]
 
 IMAGE_PREFIX = "modality_encoders.IMAGE."
+# attention heads of the released widths (EAT-base, EAT-large): the only ones shapes can tell
+RELEASED_HEADS = {768: 12, 1024: 16}
 
 # Our bare encoder names -> released names (blocks.* are identical in both).
 _ENCODER_RENAMES = {
@@ -318,7 +321,7 @@ def infer_encoder_config(state: Mapping[str, Any]) -> EncoderConfig:
     depth = max(block_ids) + 1
     fc1 = _find(flat, ("blocks.0.mlp.fc1.weight",))
     mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
-    num_heads = {768: 12, 1024: 16}.get(embed_dim, max(1, embed_dim // 64))
+    num_heads = RELEASED_HEADS.get(embed_dim, max(1, embed_dim // 64))  # a guess elsewhere: callers check
     cfg = EncoderConfig(
         embed_dim=embed_dim,
         depth=depth,

@@ -15,9 +15,9 @@ labelled folder by ``manifests/labeled_folder.py``) into a new folder DIR.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +29,9 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from eat_fairseq.data.audio import load_audio, to_mono_16k
+from eat_fairseq.data.audio import to_mono_16k
+from eat_fairseq.data.clips import read_row
+from eat_fairseq.data.manifest import read_manifest_rows
 from eat_fairseq.data.features import FeatureConfig, waveform_to_features
 from eat_fairseq.prep.audio_folder import write_audio_folder_manifest
 
@@ -79,14 +81,19 @@ def make_corpus(root: Path, num_clips: int = 64, seed: int = 0) -> None:
     (broken / "not_audio.wav").write_text("this is not audio\n")
 
 
-def feature_summary(manifest: Path, cfg: FeatureConfig) -> str:
-    lines = manifest.read_text().splitlines()
-    root, rows = lines[0], [ln.split("\t") for ln in lines[1:]]
+def manifest_features(manifest: Path, cfg: FeatureConfig, limit: Optional[int] = None) -> List[torch.Tensor]:
+    """Features of the manifest's first ``limit`` rows (all: None), read as training reads them: the one
+    row reader (any row kind) and the one feature path."""
     feats: List[torch.Tensor] = []
+    for row in itertools.islice(read_manifest_rows(str(manifest)), limit):
+        wave, sr = read_row(row, str(manifest))
+        feats.append(waveform_to_features(to_mono_16k(wave, sr, cfg.sample_rate), cfg.sample_rate, cfg))
+    return feats
+
+
+def feature_summary(manifest: Path, cfg: FeatureConfig) -> str:
     start = time.perf_counter()
-    for rel, _ in rows:
-        wave, sr = load_audio(os.path.join(root, rel))
-        feats.append(waveform_to_features(to_mono_16k(wave, sr), 16000, cfg))
+    feats = manifest_features(manifest, cfg)
     elapsed = time.perf_counter() - start
     stack = torch.stack(feats)
     return (
@@ -158,19 +165,14 @@ def extract_embeddings(checkpoint: Path, manifest: Path, cfg: FeatureConfig, n: 
 
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
     model = models[0].eval()
-    lines = manifest.read_text().splitlines()
-    root, rows = lines[0], [ln.split("\t")[0] for ln in lines[1 : n + 1]]
-    feats = []
-    for rel in rows:
-        wave, sr = load_audio(os.path.join(root, rel))
-        feats.append(waveform_to_features(to_mono_16k(wave, sr), 16000, cfg))
+    feats = manifest_features(manifest, cfg, limit=n)
     with torch.no_grad():
         x = model.extract_features(torch.stack(feats))  # (B, 1 + P, D)
     cls = torch.nn.functional.normalize(x[:, 0], dim=-1)
     sim = cls @ cls.T
-    off = sim[~torch.eye(len(rows), dtype=torch.bool)]
+    off = sim[~torch.eye(len(feats), dtype=torch.bool)]
     return (
-        f"embeddings: {len(rows)} clips -> {tuple(x.shape[1:])} (CLS + patches, D); utterance embedding = "
+        f"embeddings: {len(feats)} clips -> {tuple(x.shape[1:])} (CLS + patches, D); utterance embedding = "
         f"CLS; mean cosine similarity between different clips {off.mean():.3f}"
     )
 

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from eat_fairseq.cli.common import add_threads_argument, apply_threads
 from eat_fairseq.evaluation.probe import L2_FOLDS
 
 logger = logging.getLogger("eat_fairseq.probe")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-split", type=int, default=None, help="use at most N evenly spaced clips per split")
     p.add_argument("--batch-size", type=int, default=32, help="clips per forward pass")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--trust-checkpoint", action="store_true", help="read .pt files with full unpickling")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows and settings as JSON")
     return p
@@ -219,10 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(parser, args.threads)
     try:
         run(args)
     except ProbeCLIError as exc:

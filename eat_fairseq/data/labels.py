@@ -28,7 +28,12 @@ from eat_fairseq.data.manifest import id_for_path, read_manifest_rows
 
 
 class LabelError(ValueError):
-    """A label file is inconsistent; the message names the file and line."""
+    """A label file is inconsistent; the message names the file and line (also in ``line``, 1-based;
+    0 when the problem concerns the file as a whole)."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 @dataclass
@@ -133,15 +138,15 @@ def read_label_descriptors(path: str | os.PathLike) -> LabelSet:
             except ValueError:
                 if lineno == 1:
                     continue  # header line
-                raise LabelError(f"{path}:{lineno}: index {cells[0]!r} is not an integer") from None
+                raise LabelError(f"{path}:{lineno}: index {cells[0]!r} is not an integer", lineno) from None
             if len(cells) < 2 or not cells[1]:
-                raise LabelError(f"{path}:{lineno}: expected 'index,label[,display name]'")
+                raise LabelError(f"{path}:{lineno}: expected 'index,label[,display name]'", lineno)
             label = cells[1]
             display = ",".join(cells[2:]).strip() if len(cells) > 2 else label
             if idx in by_index:
-                raise LabelError(f"{path}:{lineno}: index {idx} repeated (first on line {by_index[idx][2]})")
+                raise LabelError(f"{path}:{lineno}: index {idx} repeated (first on line {by_index[idx][2]})", lineno)
             if label in seen:
-                raise LabelError(f"{path}:{lineno}: label {label!r} repeated (first on line {seen[label]})")
+                raise LabelError(f"{path}:{lineno}: label {label!r} repeated (first on line {seen[label]})", lineno)
             by_index[idx] = (label, display or label, lineno)
             seen[label] = lineno
     if not by_index:
@@ -184,8 +189,8 @@ def read_manifest_paths(tsv_path: str | os.PathLike, resolve_shards: bool = Fals
     return out
 
 
-def _id_matches(clip_id: str, address: str) -> bool:
-    """Whether a clip id names its manifest row.
+def clip_id_matches(clip_id: str, address: str) -> bool:
+    """Whether a clip id names its manifest row (training's check; ``eat-manifest-validate`` uses it too).
 
     Accepted: the relative path with or without extension, the file name, the stem, and AudioSet's
     file namings of a YouTube id: ``Y{id}`` and ``{id}_{start}``. A window of a file (span row) is
@@ -200,6 +205,17 @@ def _id_matches(clip_id: str, address: str) -> bool:
     if clip_id in {rel_path, os.path.splitext(rel_path)[0], base, stem, stem[1:] if stem.startswith("Y") else None}:
         return True
     return stem.startswith(clip_id + "_")
+
+
+def parse_label_line(line: str) -> tuple[str, list[str]]:
+    """``(clip id, label names)`` of one ``.lbl`` line ``clip_id<TAB>label1,label2,...``: both stripped,
+    empty names dropped (``a,,b`` is ``[a, b]``; a line without labels gives ``[]``). Training, the
+    balanced-weights tool and the manifest validator all read labels through this one function.
+    Raises ValueError for a line without exactly one tab."""
+    parts = line.split("\t")
+    if len(parts) != 2:
+        raise ValueError(f"expected 'clip_id<TAB>label1,label2,...', got {line!r}")
+    return parts[0].strip(), [name.strip() for name in parts[1].split(",") if name.strip()]
 
 
 def read_split_labels(
@@ -230,24 +246,23 @@ def read_split_labels(
         )
     result: list[list[int]] = []
     for lineno, line in enumerate(lines, start=1):
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise LabelError(f"{lbl_path}:{lineno}: expected 'clip_id<TAB>label1,label2,...', got {line!r}")
-        clip_id, label_field = parts[0].strip(), parts[1].strip()
-        if paths is not None and check_ids and not _id_matches(clip_id, paths[lineno - 1]):
+        try:
+            clip_id, names = parse_label_line(line)
+        except ValueError as exc:
+            raise LabelError(f"{lbl_path}:{lineno}: {exc}", lineno) from None
+        if paths is not None and check_ids and not clip_id_matches(clip_id, paths[lineno - 1]):
             raise LabelError(
                 f"{lbl_path}:{lineno}: clip id {clip_id!r} does not match manifest row {lineno} "
-                f"({paths[lineno - 1]!r} in {tsv_path})"
+                f"({paths[lineno - 1]!r} in {tsv_path})", lineno
             )
-        names = [name.strip() for name in label_field.split(",") if name.strip()]
         if not names:
-            raise LabelError(f"{lbl_path}:{lineno}: empty label list for {clip_id!r}")
+            raise LabelError(f"{lbl_path}:{lineno}: empty label list for {clip_id!r}", lineno)
         if not multi_label and len(names) != 1:
-            raise LabelError(f"{lbl_path}:{lineno}: {len(names)} labels for {clip_id!r} in a single-label task")
+            raise LabelError(f"{lbl_path}:{lineno}: {len(names)} labels for {clip_id!r} in a single-label task", lineno)
         indices = []
         for name in names:
             if name not in label_set.index:
-                raise LabelError(f"{lbl_path}:{lineno}: unknown label {name!r} (not in the label descriptors)")
+                raise LabelError(f"{lbl_path}:{lineno}: unknown label {name!r} (not in the label descriptors)", lineno)
             indices.append(label_set.index[name])
         result.append(sorted(set(indices)))
     return result

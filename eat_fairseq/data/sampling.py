@@ -43,13 +43,6 @@ def read_weights(path: str | os.PathLike, expected_rows: int | None = None) -> n
     return weights
 
 
-def write_weights(path: str | os.PathLike, weights: np.ndarray) -> None:
-    """Write one weight per line (the ``{split}.weights`` format)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for weight in weights:
-            handle.write(f"{float(weight):.6f}\n")
-
-
 class WeightedEpochSampler:
     """Draws ``num_samples`` distinct indices per epoch, probability proportional to ``weights``.
 

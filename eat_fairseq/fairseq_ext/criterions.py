@@ -23,6 +23,8 @@ from eat_fairseq.model.objective import ufo_loss
 
 from .models import unwrap_model
 
+_AUG = augment.AugmentConfig()  # the one source of the augmentation defaults
+
 logger = logging.getLogger(__name__)
 
 
@@ -170,10 +172,10 @@ class EATClassificationCriterionConfig(FairseqDataclass):
         metadata={"help": "bce_positive_norm (AudioSet) | ce with label smoothing (ESC-50) | bce per clip (SPC-2)"},
     )
     label_smoothing: float = field(default=0.1, metadata={"help": "for loss=ce"})
-    mixup_alpha: float = field(default=0.8, metadata={"help": "Beta(alpha, alpha) of the batch mixup"})
-    mixup_prob: float = field(default=0.9, metadata={"help": "probability of mixing a training batch (0 = off)"})
-    specaug_freq_ratio: float = field(default=0.2, metadata={"help": "frequency mask width < F * ratio (0 = off)"})
-    specaug_time_ratio: float = field(default=0.2, metadata={"help": "time mask width < T * ratio (0 = off)"})
+    mixup_alpha: float = field(default=_AUG.mixup_alpha, metadata={"help": "Beta(alpha, alpha) of the batch mixup"})
+    mixup_prob: float = field(default=_AUG.mixup_prob, metadata={"help": "probability of mixing a training batch (0 = off)"})
+    specaug_freq_ratio: float = field(default=_AUG.specaug_freq_ratio, metadata={"help": "frequency mask width < F * ratio (0 = off)"})
+    specaug_time_ratio: float = field(default=_AUG.specaug_time_ratio, metadata={"help": "time mask width < T * ratio (0 = off)"})
 
 
 @register_criterion("eat_classification", dataclass=EATClassificationCriterionConfig)

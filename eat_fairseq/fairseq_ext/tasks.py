@@ -35,6 +35,7 @@ from omegaconf import II, MISSING, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from eat_fairseq.checkpoints.convert import load_ours
+from eat_fairseq.data.augment import AugmentConfig
 from eat_fairseq.data.features import FeatureConfig
 from eat_fairseq.data.identity import manifest_identity
 from eat_fairseq.data.labels import LabelError, LabelSet, read_label_descriptors, read_split_labels
@@ -53,6 +54,7 @@ from .models import ARCH_FIELDS, cfg_get, unwrap_model
 logger = logging.getLogger(__name__)
 
 _FEATURES = FeatureConfig()  # the one source of the feature defaults below
+_AUG = AugmentConfig()  # and of the augmentation switches
 
 
 NUM_THREADS_HELP = (
@@ -548,8 +550,8 @@ class EATClassificationConfig(FairseqDataclass):
         metadata={"help": "per-row weights (default {data}/{train_subset}.weights; computed from labels if absent)"},
     )
     samples_per_epoch: int = field(default=200000, metadata={"help": "clips drawn per epoch with balanced sampling"})
-    roll_and_gain: bool = field(default=True, metadata={"help": "training: waveform roll + gain x (Beta(10,10)+0.5)"})
-    noise_and_roll: bool = field(default=True, metadata={"help": "training: fbank noise U*U/10 + time roll +-10"})
+    roll_and_gain: bool = field(default=_AUG.roll_and_gain, metadata={"help": "training: waveform roll + gain x (Beta(10,10)+0.5)"})
+    noise_and_roll: bool = field(default=_AUG.noise_and_roll, metadata={"help": "training: fbank noise U*U/10 + time roll +-10"})
     per_class_ap_dir: Optional[str] = field(
         default=None, metadata={"help": "write per_class_ap_{subset}.tsv here after each validation"}
     )

@@ -92,7 +92,7 @@ from eat_fairseq.checkpoints.convert import dig
 from eat_fairseq.model.encoder import EATEncoder, EncoderConfig
 from eat_fairseq.data.features import FeatureConfig, fbank_of, num_frames, split_windows
 from eat_fairseq.inference.geometry import WindowGeometry
-from eat_fairseq.checkpoints.weights import infer_encoder_config
+from eat_fairseq.checkpoints.weights import RELEASED_HEADS, infer_encoder_config
 
 __all__ = [
     "AudioInput",
@@ -132,7 +132,7 @@ def _encoder_config(state: Mapping[str, Tensor], cfg_model: Mapping[str, Any], p
     for name in ("embed_dim", "depth", "mlp_ratio", "patch_size", "in_chans", "max_length"):
         values[name] = getattr(shaped, name)
     if "num_heads" not in values:
-        if shaped.embed_dim not in (768, 1024):
+        if shaped.embed_dim not in RELEASED_HEADS:
             raise ModelLoadError(
                 f"the checkpoint records no num_heads for its D={shaped.embed_dim} encoder; only the released "
                 "sizes (768/12, 1024/16) can be inferred from shapes"

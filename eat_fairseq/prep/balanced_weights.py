@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from eat_fairseq.data.labels import parse_label_line
 from eat_fairseq.prep.common import (
     ManifestReport,
     PrepError,
@@ -35,7 +36,9 @@ exit status: 0 written, 2 bad input or WEIGHTS exists (use --force)."""
 def balanced_weights(label_lists: Sequence[Sequence[str]]) -> list[float]:
     """Weight of every clip: sum over its distinct labels of ``1000 / (count + 0.01)``.
 
-    A label repeated within one clip counts once, both in the counts and in the sum.
+    A label repeated within one clip counts once, both in the counts and in the sum. The same formula
+    as training's fallback (:func:`eat_fairseq.data.sampling.balanced_weights`, on class indices; a
+    test holds the two equal): this one works on label strings, so it needs no label descriptors.
     """
     distinct = [list(dict.fromkeys(labels)) for labels in label_lists]
     counts = Counter(label for labels in distinct for label in labels)
@@ -43,13 +46,14 @@ def balanced_weights(label_lists: Sequence[Sequence[str]]) -> list[float]:
 
 
 def read_label_lists(path: str | os.PathLike) -> list[list[str]]:
-    """Label lists of a ``.lbl`` file (``clip_id<TAB>label1,label2,...`` per line)."""
+    """Label lists of a ``.lbl`` file (``clip_id<TAB>label1,label2,...`` per line), read as training
+    reads them (:func:`eat_fairseq.data.labels.parse_label_line`: names stripped, empty ones dropped)."""
     out = []
     for lineno, line in enumerate(read_lines(path), start=1):
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise PrepError(f"{path}:{lineno}: expected clip_id<TAB>labels, found {line[:80]!r}")
-        out.append([item for item in fields[1].split(",") if item])
+        try:
+            out.append(parse_label_line(line)[1])
+        except ValueError:
+            raise PrepError(f"{path}:{lineno}: expected clip_id<TAB>labels, found {line[:80]!r}") from None
     return out
 
 

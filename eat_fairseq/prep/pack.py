@@ -39,6 +39,7 @@ from eat_fairseq.prep.common import (
     progress,
     read_lines,
     run_cli,
+    write_manifest,
     write_text_atomic,
 )
 
@@ -403,13 +404,12 @@ def _write_outputs(work: Path, dest: Path, parsed: list[tuple[Path, list[Manifes
 
     # the manifests (same rows, same order) and the row-aligned side files
     for manifest, rows in parsed:
-        def lines(rows: list[ManifestRow] = rows):
-            yield f"{dest}\n"
+        def packed(rows: list[ManifestRow] = rows):
             for row in rows:
                 name, offset, length = location[keys[(row.kind, row.path, row.offset, row.length)]]
-                yield f"{name}:{offset}:{length}\t{row.num_samples}\n"
+                yield f"{name}:{offset}:{length}", row.num_samples
 
-        write_text_atomic(work / manifest.name, lines())
+        write_manifest(work / manifest.name, str(dest), packed())
         report.outputs.append(dest / manifest.name)
         report.splits[manifest.stem] = len(rows)
     for side in copied:

@@ -13,16 +13,17 @@ import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from eat_fairseq.data.clips import open_clip
+from eat_fairseq.data.labels import LabelError, clip_id_matches, parse_label_line, read_label_descriptors
 from eat_fairseq.data.manifest import (
     FILE,
     SHARD,
     SPAN,
     ManifestRow,
-    id_for_path,
     parse_address,
 )
 from eat_fairseq.data.shards import shard_members
@@ -48,12 +49,14 @@ checks:
             shard row shard.zip:OFFSET:LENGTH, whose byte range must be exactly the data of one
             stored (uncompressed) zip member, decodable, with n_samples frames.
   --labels  one line per manifest row, clip_id<TAB>label1,label2,... with a non-empty id and at least
-            one label; ids are unique and match their row's file: the id is the path without its
-            extension, or the file name without extension, or that name is "Y"+id or starts with
-            id+"_" (the AudioSet namings). A window (span row) may be named ID@START; a shard row is
-            matched through its member's name (the address it was packed from).
-  --descriptors  every label used in --labels is listed in this label_descriptors.csv
-            (index,label[,display_name]; a header line "index,label,..." is allowed).
+            one label (spaces around ids and labels are ignored, as in training); ids are unique and
+            match their row's file as training checks them: the id is the path with or without its
+            extension, or the file name with or without extension, or that name is "Y"+id or starts
+            with id+"_" (the AudioSet namings). A window (span row) may be named ID@START; a shard
+            row is matched through its member's name (the address it was packed from).
+  --descriptors  label_descriptors.csv (index,label[,display_name]; a first line that is not an
+            index is a header) is read by training's reader: indices exactly 0..C-1, labels
+            unique; every label used in --labels is listed in it.
 Problems are printed as FILE:LINE: message.
 exit status: 0 clean, 1 problems found, 2 bad arguments."""
 
@@ -69,27 +72,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.message}"
-
-
-def clip_id_matches(clip_id: str, address: str) -> bool:
-    """Whether a label line's id belongs to a manifest row's file (conventions in ``HELP_EPILOG``)."""
-    pair = id_for_path(clip_id, address)
-    if pair is None:
-        return False
-    clip_id, rel_path = pair
-    name = posixpath.basename(rel_path)
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    no_ext = rel_path[: len(rel_path) - len(name)] + stem
-    return clip_id in (no_ext, stem) or stem == "Y" + clip_id or stem.startswith(clip_id + "_")
-
-
-def read_descriptor_labels(path: str | os.PathLike) -> list[str]:
-    """Labels (second column) of a ``label_descriptors.csv``, with or without a header line."""
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    if rows and rows[0][0].strip().lower() == "index":
-        rows = rows[1:]
-    return [r[1].strip() for r in rows if len(r) >= 2]
 
 
 def validate_manifest(
@@ -272,27 +254,28 @@ def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
         lines = read_lines(lpath)
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(0, lpath, f"cannot read the labels: {exc}")]
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines: ignored, as fine-tuning's reader ignores them
     problems = []
     if len(lines) != n_rows:
         problems.append(Problem(0, lpath, f"{len(lines)} label lines but the manifest has {n_rows} rows "
                                           f"(label line k belongs to manifest line k+1)"))
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
-        fields = line.split("\t")
-        if len(fields) != 2:
+        try:
+            clip_id, names = parse_label_line(line)
+        except ValueError:
+            fields = line.count("\t") + 1
             problems.append(Problem(lineno, lpath, f"expected 2 tab-separated fields (clip_id, labels), "
-                                                   f"found {len(fields)}: {line[:80]!r}"))
+                                                   f"found {fields}: {line[:80]!r}"))
             continue
-        clip_id, label_field = fields
         if not clip_id:
             problems.append(Problem(lineno, lpath, "empty clip id"))
             continue
-        items = label_field.split(",")
-        if not label_field or any(not item for item in items):
-            problems.append(Problem(lineno, lpath, f"empty label in {label_field!r} ({clip_id})"))
-        for item in items:
-            if item:
-                used_labels.setdefault(item, (lpath, lineno))
+        if not names:
+            problems.append(Problem(lineno, lpath, f"no labels for {clip_id}"))
+        for name in names:
+            used_labels.setdefault(name, (lpath, lineno))
         if clip_id in seen:
             problems.append(Problem(lineno, lpath, f"duplicate clip id {clip_id} (first on line {seen[clip_id]})"))
         else:
@@ -306,15 +289,15 @@ def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
 
 def _check_descriptors(dpath: str, used_labels: dict[str, tuple[str, int]]) -> list[Problem]:
     try:
-        known = read_descriptor_labels(dpath)
+        known_set = set(read_label_descriptors(dpath).labels)  # training's reader: its checks, its errors
+    except LabelError as exc:
+        message = str(exc)
+        for prefix in (f"{Path(dpath)}:{exc.line}: ", f"{Path(dpath)}: "):
+            message = message.removeprefix(prefix)
+        return [Problem(exc.line, dpath, message)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return [Problem(0, dpath, f"cannot read the label descriptors: {exc}")]
     problems = []
-    if not known:
-        problems.append(Problem(0, dpath, "no labels listed"))
-    known_set = set(known)
-    if len(known_set) != len(known):
-        problems.append(Problem(0, dpath, "a label is listed more than once"))
     for label, (lpath, lineno) in used_labels.items():
         if label not in known_set:
             problems.append(Problem(lineno, lpath, f"label {label} is not in {dpath}"))

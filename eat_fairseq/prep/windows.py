@@ -35,6 +35,7 @@ from eat_fairseq.prep.common import (
     probe_files,
     read_lines,
     run_cli,
+    write_manifest,
     write_text_atomic,
 )
 from eat_fairseq.prep.pack import find_manifests
@@ -130,18 +131,17 @@ def split_manifests(
             pieces.append(plan_windows(frames, window, round(min_last_seconds * probe.samplerate)))
             seconds += sum(w.length for w in pieces[-1]) / probe.samplerate
 
-        def tsv_lines(root: str = root, rows: list[ManifestRow] = rows, pieces: list[list[Window]] = pieces):
-            yield f"{root}\n"
+        def windowed(rows: list[ManifestRow] = rows, pieces: list[list[Window]] = pieces):
             for row, windows in zip(rows, pieces):
                 if len(windows) == 1 and windows[0].start == 0:
-                    yield f"{row.rel}\t{row.num_samples}\n"
+                    yield row.rel, row.num_samples
                     continue
                 rel = parse_address(row.rel)[0]
                 base = row.offset if row.kind != FILE else 0
                 for w in windows:
-                    yield f"{rel}:{base + w.start}:{w.length}\t{w.length}\n"
+                    yield f"{rel}:{base + w.start}:{w.length}", w.length
 
-        report.outputs.append(write_text_atomic(dest_p / manifest.name, tsv_lines()))
+        report.outputs.append(write_manifest(dest_p / manifest.name, root, windowed()))
         report.splits[manifest.stem] = SplitSummary(sum(len(p) for p in pieces), seconds)
         for path in side[manifest]:
             report.outputs.append(_expand_side_file(path, dest_p / path.name, rows, pieces))

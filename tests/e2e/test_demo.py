@@ -34,3 +34,23 @@ def test_demo_ends_with_the_curves_and_lists_its_outputs(tmp_path: Path) -> None
     listing = printed[printed.index(f"outputs in {out}"):]
     for entry in ("corpus/", "manifests/", "checkpoints/tb/", "tensorboard --logdir", "curves.png", "eat-plot"):
         assert entry in listing, entry
+
+
+def test_demo_reads_manifests_through_the_row_reader(tmp_path: Path) -> None:
+    """A span row (a window of a file) is read as training reads it, not split by hand as a path."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from eat_fairseq.cli.demo import manifest_features
+    from eat_fairseq.data.features import FeatureConfig, waveform_to_features
+
+    wave = np.random.default_rng(0).standard_normal(32000).astype("float32") * 0.1
+    sf.write(tmp_path / "a.wav", wave, 16000, subtype="FLOAT")  # read back exactly
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\na.wav\t32000\na.wav:8000:16000\t16000\n")
+    cfg = FeatureConfig(target_length=128)
+    whole, span = manifest_features(manifest, cfg)
+    assert torch.equal(whole, waveform_to_features(torch.from_numpy(wave), 16000, cfg))
+    assert torch.equal(span, waveform_to_features(torch.from_numpy(wave[8000:24000]), 16000, cfg))
+    assert len(manifest_features(manifest, cfg, limit=1)) == 1

@@ -96,6 +96,23 @@ def test_fold_data_concatenates_train_and_links_the_rest(tmp_path: Path) -> None
     assert not list(dest.glob("*.wav"))  # no audio copied
 
 
+def test_fold_data_keeps_the_range_of_span_rows(tmp_path: Path) -> None:
+    """A window of a file (span row) stays that window in the concatenated train manifest."""
+    from eat_fairseq.data.manifest import read_manifest
+
+    speakers = write_speakers(tmp_path, speakers=("anna", "bob", "carl"), per_class=1)
+    tsv = speakers / "carl.tsv"
+    lines = tsv.read_text().splitlines()
+    first = lines[1].split("\t")[0]
+    tsv.write_text("\n".join([lines[0], f"{first}:1000:2000\t2000", *lines[2:]]) + "\n")
+    fold = fc.fold_plan(fc.speaker_splits(str(speakers)), 1)[0]
+    dest = Path(fc.write_fold_data(str(speakers), fold, str(tmp_path / "fold0")))
+    _, rows = read_manifest(str(dest / "train.tsv"))
+    span = next(r for r in rows if r.kind == "span")
+    assert (span.offset, span.length, span.num_samples) == (1000, 2000, 2000)
+    assert span.path == str(tmp_path / "audio" / first)
+
+
 def test_settings_come_from_the_checkpoint_and_set_cannot_change_them(tmp_path: Path) -> None:
     settings = fc.pretrained_settings(str(write_pretrained(tmp_path / "pre.pt")))
     tiny = EncoderConfig.tiny()

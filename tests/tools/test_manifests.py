@@ -14,7 +14,8 @@ from eat_fairseq.prep import audio_folder, balanced_weights, validate
 from eat_fairseq.prep.audio_folder import write_audio_folder_manifest
 from eat_fairseq.prep.balanced_weights import balanced_weights as weights_of
 from eat_fairseq.prep.common import OutputExistsError, in_valid_split, probe_audio
-from eat_fairseq.prep.validate import clip_id_matches, validate_manifest
+from eat_fairseq.data.labels import clip_id_matches
+from eat_fairseq.prep.validate import validate_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -209,11 +210,56 @@ def test_validate_labels_alignment_and_ids(manifest: Path, tmp_path: Path) -> No
     ("--PJHxphWEs", "Y--PJHxphWEs.flac", True),
     ("abc", "abc.wav", True),
     ("yes/0a7c_nohash_0", "yes/0a7c_nohash_0.wav", True),
+    ("abc.wav", "abc.wav", True),             # the file name, as training accepts it
+    ("d/abc.wav", "d/abc.wav", True),         # the relative path
     ("abd", "abc.wav", False),
     ("no/0a7c_nohash_0", "yes/0a7c_nohash_0.wav", False),
 ])
 def test_clip_id_matches(clip_id: str, rel: str, ok: bool) -> None:
     assert clip_id_matches(clip_id, rel) is ok
+
+
+def _stem(rel: str) -> str:
+    return rel.rsplit(".", 1)[0]
+
+
+LABEL_CASES = {  # name -> (label line per row given the row's path, descriptors file text)
+    "stems": (lambda rel: f"{_stem(rel)}\tx", "index,label\n0,x\n1,y\n"),
+    "file names, spaces": (lambda rel: f" {os.path.basename(rel)} \t x , y ", "0,x\n1,y\n"),
+    "paths": (lambda rel: f"{rel}\tx", "0,x\n"),
+    "empty item": (lambda rel: f"{_stem(rel)}\tx,,y", "idx,label\n0,x\n1,y\n"),
+    "unknown label": (lambda rel: f"{_stem(rel)}\tz", "0,x\n"),
+    "no labels": (lambda rel: f"{_stem(rel)}\t ", "0,x\n"),
+    "other file's id": (lambda rel: "zz\tx", "0,x\n"),
+    "indices not from 0": (lambda rel: f"{_stem(rel)}\tx", "1,x\n"),
+    "repeated label": (lambda rel: f"{_stem(rel)}\tx", "0,x\n1,x\n"),
+    "repeated index": (lambda rel: f"{_stem(rel)}\tx", "0,x\n0,y\n"),
+    "trailing blank lines": (lambda rel: f"{_stem(rel)}\tx" + ("\n\n" if rel.startswith("sub/deeper") else ""),
+                             "0,x\n"),
+    "blank line inside": (lambda rel: f"{_stem(rel)}\tx" + ("\n" if rel.startswith("a.") else ""), "0,x\n"),
+}
+
+
+@pytest.mark.parametrize("case", LABEL_CASES)
+def test_validate_flags_labels_exactly_where_training_rejects_them(manifest: Path, tmp_path: Path,
+                                                                   case: str) -> None:
+    """One reader for labels: the validator reports a problem iff fine-tuning's reader refuses the files."""
+    from eat_fairseq.data.labels import LabelError, read_label_descriptors, read_split_labels
+
+    line_of, descriptors = LABEL_CASES[case]
+    rels = [line.split("\t")[0] for line in manifest.read_text().splitlines()[1:]]
+    lbl, desc = tmp_path / "train.lbl", tmp_path / "label_descriptors.csv"
+    lbl.write_text("\n".join(line_of(rel) for rel in rels) + "\n")
+    desc.write_text(descriptors)
+    try:
+        read_split_labels(lbl, read_label_descriptors(desc), tsv_path=manifest)
+        training_refuses = False
+    except LabelError:
+        training_refuses = True
+    problems = validate_manifest(manifest, labels=lbl, descriptors=desc)
+    assert bool(problems) == training_refuses, (case, problems)
+    if case == "repeated label":  # the descriptor's own line, without the path repeated in the message
+        assert _lines_of(problems) == [(2, "label 'x' repeated (first on line 1)")]
 
 
 # ------------------------------------------------------------------------------ balanced weights
@@ -245,3 +291,17 @@ def test_thin_script_help() -> None:
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: audio_folder.py")
     assert "relative/path<TAB>n_samples" in res.stdout and "--force" in res.stdout
+
+
+def test_prep_weights_equal_trainings_fallback_and_read_labels_as_training_does(tmp_path: Path) -> None:
+    """Two spellings of one formula (strings for the tool, class indices for training): held equal."""
+    from eat_fairseq.data.sampling import balanced_weights as training_weights
+
+    rng = np.random.default_rng(0)
+    names = [f"/m/{i}" for i in range(30)]
+    lists = [[names[k] for k in rng.integers(0, 30, size=rng.integers(1, 12))] for _ in range(200)]
+    indices = [sorted({int(name[3:]) for name in labels}) for labels in lists]
+    assert weights_of(lists) == pytest.approx(training_weights(indices, 30).tolist(), rel=1e-13)
+    lbl = tmp_path / "x.lbl"
+    lbl.write_text("c1\t/m/a, /m/b\nc2\t/m/b,,\n")  # spaces and empty items: as fine-tuning reads them
+    assert balanced_weights.read_label_lists(lbl) == [["/m/a", "/m/b"], ["/m/b"]]

@@ -56,12 +56,14 @@ def _training_state() -> dict:
     }
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_loads_tensors_containers_and_numpy_values(tmp_path: Path, legacy: bool) -> None:
+def test_loads_tensors_containers_and_numpy_values(tmp_path: Path, legacy: bool, mmap: bool) -> None:
+    """Also memory-mapped (the resume scan's cheap read): a legacy file, which cannot be mapped, is read whole."""
     state = _training_state()
     path = tmp_path / "ckpt.pt"
     torch.save(state, path, _use_new_zipfile_serialization=not legacy)
-    out = load_checkpoint(path)
+    out = load_checkpoint(path, mmap=mmap)
     assert isinstance(out["model"], collections.OrderedDict)
     for key, value in state["model"].items():
         assert out["model"][key].dtype == value.dtype and torch.equal(out["model"][key], value)
@@ -76,6 +78,23 @@ def test_loads_tensors_containers_and_numpy_values(tmp_path: Path, legacy: bool)
     assert extra["set"] == {1, 2} and extra["bytes"] == b"\x00\xffab"
     assert extra["dtype"] is torch.float16 and extra["device"] == torch.device("cpu")
     assert extra["size"] == torch.Size([2, 3]) and extra["float"] == float("inf")
+
+
+def test_mmap_maps_a_zip_file_and_reads_a_legacy_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    for legacy, expected in ((False, [True]), (True, [True, None])):
+        calls.clear()
+        path = tmp_path / f"legacy{legacy}.pt"
+        torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=not legacy)
+        assert torch.equal(load_checkpoint(path, mmap=True)["w"], torch.ones(3))
+        assert calls == expected  # one mapped read; a legacy file cannot be mapped and is read once more
 
 
 def test_numpy_scalar_breaks_weights_only_but_not_the_restricted_loader(tmp_path: Path) -> None:
@@ -273,11 +292,12 @@ def _broken_files(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("kind", ["truncated", "empty", "random", "text", "truncated_pickle"])
-def test_corrupt_files_raise_checkpoint_error_naming_the_file(tmp_path: Path, kind: str) -> None:
+def test_corrupt_files_raise_checkpoint_error_naming_the_file(tmp_path: Path, kind: str, mmap: bool) -> None:
     path = _broken_files(tmp_path)[kind]
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=mmap)
     assert not isinstance(info.value, UnsafeCheckpointError)
     assert str(path) in str(info.value)
 

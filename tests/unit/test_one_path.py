@@ -189,6 +189,13 @@ def test_fairseq_defaults_are_the_core_defaults() -> None:
         d = defaults(task)
         assert {k: d[k] for k in ("sample_rate", "target_length", "norm_mean", "norm_std")} == {
             k: features[k] for k in ("sample_rate", "target_length", "norm_mean", "norm_std")}
+    from eat_fairseq.data.augment import AugmentConfig
+    from eat_fairseq.fairseq_ext.criterions import EATClassificationCriterionConfig
+
+    augment = dataclasses.asdict(AugmentConfig())
+    registered = {**defaults(EATClassificationCriterionConfig), **defaults(EATClassificationConfig)}
+    assert {k: registered[k] for k in augment if k != "max_time_roll"} == {
+        k: v for k, v in augment.items() if k != "max_time_roll"}
 
 
 def test_masks_come_from_the_model_config() -> None:

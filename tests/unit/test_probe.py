@@ -183,6 +183,15 @@ def test_eat_probe_cli(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "not a folder" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_eat_probe_refuses_threads_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """The console scripts' one --threads option (cli.common): a bad value stops before any work."""
+    from eat_fairseq.cli.probe import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--data", "nowhere", "--arch", "tiny", "--random-init", "--threads", "0"])
+    assert info.value.code == 2 and "--threads must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_online_probe_only_observes(tmp_path: Path) -> None:
     """OnlineProbe.run leaves every random number generator, the encoders' modes and their weights as
     it found them (fairseq also reseeds torch every update; numpy and Python RNGs it does not)."""
