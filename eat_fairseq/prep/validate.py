@@ -42,8 +42,9 @@ from eat_fairseq.prep.common import (
 
 HELP_EPILOG = """\
 checks:
-  MANIFEST  line 1 is an existing directory; every other line is ADDRESS<TAB>n_samples with a
-            positive integer count; no address is listed twice; every file exists, can be decoded,
+  MANIFEST  line 1 is an existing directory; every other line (blank lines are skipped, as in
+            training) is ADDRESS<TAB>n_samples with a positive integer count; no address is listed
+            twice; every file exists, can be decoded,
             and has exactly n_samples frames (soundfile's count at the native rate). ADDRESS is
             relative/path, a span path:START:LENGTH (LENGTH == n_samples, within the file), or a
             shard row shard.zip:OFFSET:LENGTH, whose byte range must be exactly the data of one
@@ -104,9 +105,14 @@ def validate_manifest(
         root_ok = True
 
     rows: list[tuple[int, str, int | None]] = []
+    # label line k belongs to the k-th data row; blank lines are skipped, as training's row parser skips them
     rel_by_line: dict[int, str] = {}
+    row_of_line: dict[int, int] = {}
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        row_of_line[lineno] = len(row_of_line) + 1
         fields = line.split("\t")
         if len(fields) != 2:
             problems.append(Problem(lineno, mpath, f"expected 2 tab-separated fields (path, n_samples), "
@@ -149,7 +155,7 @@ def validate_manifest(
 
     used_labels: dict[str, tuple[str, int]] = {}
     if labels is not None:
-        problems += _check_labels(os.fspath(labels), len(lines) - 1, rel_by_line, used_labels)
+        problems += _check_labels(os.fspath(labels), row_of_line, rel_by_line, used_labels)
     if descriptors is not None:
         problems += _check_descriptors(os.fspath(descriptors), used_labels)
     order = {mpath: 0, os.fspath(labels) if labels is not None else "": 1}
@@ -248,7 +254,7 @@ def _resolve_shard_members(root: str, rel_by_line: dict[int, str]) -> None:
             del rel_by_line[lineno]  # nothing to match the id against
 
 
-def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
+def _check_labels(lpath: str, row_of_line: dict[int, int], rel_by_line: dict[int, str],
                   used_labels: dict[str, tuple[str, int]]) -> list[Problem]:
     try:
         lines = read_lines(lpath)
@@ -257,9 +263,11 @@ def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
     while lines and not lines[-1].strip():
         lines.pop()  # trailing blank lines: ignored, as fine-tuning's reader ignores them
     problems = []
+    n_rows = len(row_of_line)
     if len(lines) != n_rows:
         problems.append(Problem(0, lpath, f"{len(lines)} label lines but the manifest has {n_rows} rows "
-                                          f"(label line k belongs to manifest line k+1)"))
+                                          f"(label line k belongs to the manifest's k-th row)"))
+    line_of_row = {row: mline for mline, row in row_of_line.items()}
     seen: dict[str, int] = {}
     for lineno, line in enumerate(lines, start=1):
         try:
@@ -280,10 +288,11 @@ def _check_labels(lpath: str, n_rows: int, rel_by_line: dict[int, str],
             problems.append(Problem(lineno, lpath, f"duplicate clip id {clip_id} (first on line {seen[clip_id]})"))
         else:
             seen[clip_id] = lineno
-        rel = rel_by_line.get(lineno + 1)
+        mline = line_of_row.get(lineno)
+        rel = rel_by_line.get(mline) if mline is not None else None
         if rel is not None and not clip_id_matches(clip_id, rel):
             problems.append(Problem(lineno, lpath, f"clip id {clip_id} does not match manifest line "
-                                                   f"{lineno + 1} ({rel})"))
+                                                   f"{mline} ({rel})"))
     return problems
 
 

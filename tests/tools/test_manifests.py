@@ -205,6 +205,22 @@ def test_validate_labels_alignment_and_ids(manifest: Path, tmp_path: Path) -> No
     assert "expected 2 tab-separated fields" in found[4][1]
 
 
+def test_validate_skips_blank_manifest_lines_as_training_does(manifest: Path, tmp_path: Path) -> None:
+    """Label line k belongs to the k-th data row, also when a blank line sits between rows."""
+    from eat_fairseq.data.labels import read_label_descriptors, read_split_labels
+
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines[:3], "", *lines[3:]]) + "\n")
+    lbl, desc = tmp_path / "train.lbl", tmp_path / "label_descriptors.csv"
+    lbl.write_text("".join(f"{line.split(chr(9))[0].rsplit('.', 1)[0]}\tx\n" for line in lines[1:]))
+    desc.write_text("0,x\n")
+    assert len(read_split_labels(lbl, read_label_descriptors(desc), tsv_path=manifest)) == 5  # training: fine
+    assert validate_manifest(manifest, labels=lbl, descriptors=desc) == []
+    lbl.write_text(lbl.read_text().replace("e\tx", "zz\tx"))  # the 2nd row: manifest line 3
+    assert _lines_of(validate_manifest(manifest, labels=lbl, descriptors=desc)) == [
+        (2, "clip id zz does not match manifest line 3 (e.flac)")]
+
+
 @pytest.mark.parametrize(("clip_id", "rel", "ok"), [
     ("--PJHxphWEs", "x/--PJHxphWEs_30.000.wav", True),
     ("--PJHxphWEs", "Y--PJHxphWEs.flac", True),
