@@ -291,22 +291,28 @@ def crossing_lines(out: str, runs: dict[str, dict[int, dict[str, Any]]]) -> list
                 continue
             interval = next((o.split("=", 1)[1] for o in record.get("overrides", [])
                              if o.startswith("task.probe_interval_updates=")), "?")
-            if crossing.update is None:
-                when = f"not by {record.get('max_update', '?')}"
-                minutes = "-"
-            else:
-                when = (f"<= {crossing.update}" if crossing.update == crossing.first_probe else str(crossing.update))
-                minutes = f"{crossing.minutes:.0f}" if crossing.minutes is not None else "-"
-            rows.append(f"| {variant} | {seed} | {interval} | {100 * crossing.baseline:.1f} | {when} | {minutes} "
-                        f"| {100 * crossing.value:.1f} |")
+            def when(update: Optional[int]) -> str:
+                if update is None:
+                    return "-"
+                return f"<= {update}" if update == crossing.first_probe else str(update)
+
+            def minutes(value: Optional[float]) -> str:
+                return f"{value:.0f}" if value is not None else "-"
+
+            first = when(crossing.update) if crossing.update is not None else f"not by {record.get('max_update', '?')}"
+            rows.append(f"| {variant} | {seed} | {interval} | {100 * crossing.baseline:.1f} | {first} "
+                        f"| {minutes(crossing.minutes)} | {100 * crossing.value:.1f} | {when(crossing.settled)} "
+                        f"| {minutes(crossing.settled_minutes)} |")
     if not rows:
         return []
     return ["### online probe: first update above log-mel", "",
-            "| variant | seed | probe every | log-mel | update | wall minutes | student then |",
-            "|---|---|---|---|---|---|---|", *rows, "",
+            "| variant | seed | probe every | log-mel | first above | wall minutes | student then "
+            "| above from then on | wall minutes |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, "",
             "The online probe of the run (its set, block and pooling: the run's `task.probe_*` settings), "
-            "logistic regression, %; `<= N`: above at the first probe. Wall minutes: fairseq's clock at that "
-            "update, the probes' time and any other load on the machine included."]
+            "logistic regression, %; `<= N`: above at the first probe; above from then on: the first probe "
+            "after which none fell back to log-mel or below. Wall minutes: fairseq's clock at that update, "
+            "the probes' time and any other load on the machine included."]
 
 
 def per_seed_lines(base_combined: dict[str, tuple[list[int], dict[str, Any]]]) -> list[str]:

@@ -317,7 +317,9 @@ class BaselineCrossing:
     ``update`` is the first probe whose score is above ``baseline`` (None: never); a run that passes at
     ``first_probe`` passed at or before it, so the probe interval bounds what can be told. ``minutes`` is
     fairseq's wall clock at that update (from the start of training, the probes' own time included).
-    ``value`` is the score at ``update``, else the best score of the run."""
+    ``value`` is the score at ``update``, else the best score of the run. Early scores can hover around
+    the baseline, so ``settled`` (and ``settled_minutes``) is the first probe from which every later
+    probe stayed above it (None: the last probe was not above)."""
 
     probe: str
     baseline: float
@@ -325,13 +327,21 @@ class BaselineCrossing:
     update: Optional[int]
     minutes: Optional[float]
     value: float
+    settled: Optional[int] = None
+    settled_minutes: Optional[float] = None
 
     def describe(self) -> str:
         if self.update is None:
             return f"{self.probe} never above log-mel {self.baseline:.4f} (best {self.value:.4f})"
         when = f"update {self.update}" + (f", {self.minutes:.1f} min" if self.minutes is not None else "")
         first = " (the first probe: at or before it)" if self.update == self.first_probe else ""
-        return f"{self.probe} above log-mel {self.baseline:.4f} at {when}{first}: {self.value:.4f}"
+        text = f"{self.probe} above log-mel {self.baseline:.4f} at {when}{first}: {self.value:.4f}"
+        if self.settled is None:
+            return text + "; not above at the last probe"
+        if self.settled != self.update:
+            minutes = f", {self.settled_minutes:.1f} min" if self.settled_minutes is not None else ""
+            text += f"; above at every probe from update {self.settled}{minutes}"
+        return text
 
 
 def baseline_crossings(run: RunScalars) -> list[BaselineCrossing]:
@@ -353,10 +363,19 @@ def baseline_crossings(run: RunScalars) -> list[BaselineCrossing]:
         above = next(((step, value) for step, value in ordered if value > level), None)
         if above is None:
             found.append(BaselineCrossing(name, level, ordered[0][0], None, None, max(v for _, v in ordered)))
-        else:
-            minutes = wall[above[0]] / 60.0 if above[0] in wall else None
-            found.append(BaselineCrossing(name, level, ordered[0][0], above[0], minutes, above[1]))
+            continue
+        settled = None
+        for step, value in reversed(ordered):
+            if value <= level:
+                break
+            settled = step
+        found.append(BaselineCrossing(name, level, ordered[0][0], above[0], _minutes(wall, above[0]), above[1],
+                                      settled, _minutes(wall, settled)))
     return found
+
+
+def _minutes(wall: dict[int, float], step: Optional[int]) -> Optional[float]:
+    return wall[step] / 60.0 if step is not None and step in wall else None
 
 
 def panels(run: RunScalars) -> dict[str, list[tuple[str, str]]]:

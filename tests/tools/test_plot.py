@@ -168,6 +168,17 @@ def test_baseline_crossing_is_the_first_probe_above_log_mel(tmp_path: Path,
     assert "at update 6, 1.5 min: 0.7500" in logreg.describe()
     knn = found["probe_student_knn"]  # 0.9 > 0.8 at the first probe; no wall logged there
     assert (knn.update, knn.minutes) == (3, None) and "the first probe: at or before it" in knn.describe()
+    hover = text.replace('"num_updates": "4", "lr": "8e-5", "probe_student_logreg": "0.5"',
+                              '"num_updates": "4", "lr": "8e-5", "probe_student_logreg": "0.65"')
+    hovering = {c.probe: c for c in baseline_crossings(read_text_log(str(_write(tmp_path / "hover.log", hover))))}[
+        "probe_student_logreg"]
+    # above at 4 (0.65), below at 5 (0.5), above again at 6: first above 4, above for good from 6
+    assert (hovering.update, hovering.settled) == (4, 6)
+    assert hovering.describe().endswith("; above at every probe from update 6, 1.5 min")
+    assert (logreg.settled, knn.settled) == (6, 3)  # above from their first crossing on
+    fallen = {c.probe: c for c in baseline_crossings(read_text_log(str(_write(
+        tmp_path / "fallen.log", hover.replace('"0.75"', '"0.55"')))))}["probe_student_logreg"]
+    assert fallen.settled is None and fallen.describe().endswith("; not above at the last probe")
     never = baseline_crossings(read_text_log(str(_write(tmp_path / "never.log", SHORT_RUN.replace('"0.75"', '"0.55"')))))
     assert never[0].update is None and never[0].describe() == (
         "probe_student_logreg never above log-mel 0.6000 (best 0.5500)")
