@@ -272,6 +272,17 @@ def tabulate(out: str) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines), numbers
 
 
+def _when(update: Optional[int], first_probe: int) -> str:
+    """An update for the crossing table: ``<= N`` at the first probe (it passed at or before it)."""
+    if update is None:
+        return "-"
+    return f"<= {update}" if update == first_probe else str(update)
+
+
+def _minutes(value: Optional[float]) -> str:
+    return f"{value:.0f}" if value is not None else "-"
+
+
 def crossing_lines(out: str, runs: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """When each run's online probe (the student's logistic regression) first rose above the log-mel
     baseline (``eat_fairseq.cli.curves.baseline_crossings`` on the run's TensorBoard or text log).
@@ -291,18 +302,11 @@ def crossing_lines(out: str, runs: dict[str, dict[int, dict[str, Any]]]) -> list
                 continue
             interval = next((o.split("=", 1)[1] for o in record.get("overrides", [])
                              if o.startswith("task.probe_interval_updates=")), "?")
-            def when(update: Optional[int]) -> str:
-                if update is None:
-                    return "-"
-                return f"<= {update}" if update == crossing.first_probe else str(update)
-
-            def minutes(value: Optional[float]) -> str:
-                return f"{value:.0f}" if value is not None else "-"
-
-            first = when(crossing.update) if crossing.update is not None else f"not by {record.get('max_update', '?')}"
+            first = (_when(crossing.update, crossing.first_probe) if crossing.update is not None
+                     else f"not by {record.get('max_update', '?')}")
             rows.append(f"| {variant} | {seed} | {interval} | {100 * crossing.baseline:.1f} | {first} "
-                        f"| {minutes(crossing.minutes)} | {100 * crossing.value:.1f} | {when(crossing.settled)} "
-                        f"| {minutes(crossing.settled_minutes)} |")
+                        f"| {_minutes(crossing.minutes)} | {100 * crossing.value:.1f} "
+                        f"| {_when(crossing.settled, crossing.first_probe)} | {_minutes(crossing.settled_minutes)} |")
     if not rows:
         return []
     return ["### online probe: first update above log-mel", "",
