@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from eat_fairseq.data.feature_settings import DEFAULT_TARGET_LENGTH
+
 __all__ = ["released_pretraining_cfg", "released_finetuning_cfg", "finetune_dataset_kind"]
 
 # EAT trains without dropout (data2vec's defaults are 0.1); the fine-tuning classifier writes the same
@@ -167,7 +169,7 @@ def released_pretraining_cfg(
     """
     training = training or {}
     large = (int(model["embed_dim"]), int(model["depth"])) == (1024, 24)
-    target_length = int(task.get("target_length", 1024))
+    target_length = int(task.get("target_length", DEFAULT_TARGET_LENGTH))
     max_update = int(_get(training, "optimization", "max_update", default=400000))
     lr = float(_first(_get(training, "optimization", "lr", default=[0.0004 if large else 0.0005])))
     warmup = int(_get(training, "lr_scheduler", "warmup_updates", default=53333))

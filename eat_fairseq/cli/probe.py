@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from eat_fairseq.inference.api import load_model
     from eat_fairseq.checkpoints.load import CheckpointError
     from eat_fairseq.model.encoder import EATEncoder
-    from eat_fairseq.data.features import FeatureConfig
+    from eat_fairseq.data.features import DEFAULT_TARGET_LENGTH, FeatureConfig
     from eat_fairseq.data.labels import LabelError
     from eat_fairseq.data.manifest import ManifestError
     from eat_fairseq.evaluation.probe import (POOLINGS, SplitSpec, chance_level, cropped_clips, format_table,
@@ -184,10 +184,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ProbeCLIError(f"cannot read the probe data: {exc}") from None
     logger.info("%d clips, %d classes, splits %s (%.1f s)", len(data), data.num_classes, data.split_names,
                 time.perf_counter() - start)
-    cropped = cropped_clips(data, feat.target_length or 1024)
+    cropped = cropped_clips(data, feat.target_length or DEFAULT_TARGET_LENGTH)
     if cropped:
         logger.warning("%d of %d clips are longer than the input of %d frames and are cropped to their start%s",
-                       cropped, len(data), feat.target_length or 1024,
+                       cropped, len(data), feat.target_length or DEFAULT_TARGET_LENGTH,
                        "" if args.whole_clips else " (--whole-clips probes them whole)")
 
     rows = [] if args.no_logmel else probe_logmel(data, feat, l2_folds=args.l2_folds)

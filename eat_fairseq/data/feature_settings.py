@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = [
+    "DEFAULT_TARGET_LENGTH",
     "AUDIOSET_MEAN",
     "AUDIOSET_STD",
     "ESC50_MEAN",
@@ -36,6 +37,9 @@ ESC50_STD = 5.359
 SPEECHCOMMANDS_MEAN = -6.846
 SPEECHCOMMANDS_STD = 5.565
 
+# the release's input window: 1024 frames = 10.24 s at a 10 ms shift (AudioSet's 10 s clips)
+DEFAULT_TARGET_LENGTH = 1024
+
 FRAME_LENGTH_MS = 25
 FRAME_SHIFT_MS = 10
 PREEMPHASIS = 0.97
@@ -55,7 +59,7 @@ class FeatureConfig:
 
     sample_rate: int = 16000
     num_mel_bins: int = 128
-    target_length: Optional[int] = 1024
+    target_length: Optional[int] = DEFAULT_TARGET_LENGTH
     norm_mean: float = AUDIOSET_MEAN
     norm_std: float = AUDIOSET_STD
 

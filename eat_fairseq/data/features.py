@@ -20,6 +20,7 @@ import torch.nn.functional as nnf
 import torchaudio.functional as taf
 
 __all__ = [
+    "DEFAULT_TARGET_LENGTH",
     "AUDIOSET_MEAN",
     "AUDIOSET_STD",
     "ESC50_MEAN",
@@ -46,6 +47,7 @@ __all__ = [
 from eat_fairseq.data.feature_settings import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
+    DEFAULT_TARGET_LENGTH,
     ESC50_MEAN,
     ESC50_STD,
     FRAME_LENGTH_MS,  # noqa: F401  (re-exported: it used to be defined here)

@@ -110,33 +110,37 @@ def _read_root(handle: TextIO, manifest: str, check_root: bool) -> str:
     return root
 
 
+def parse_row(line: str) -> Tuple[str, int]:
+    """THE check of one data row (no newline, not blank): ``(address, n_samples)``, or ``ValueError``
+    with the reason. Training's reader and ``manifests/validate.py`` both call it, so the validator
+    refuses exactly the rows training refuses."""
+    parts = line.split("\t")
+    if len(parts) != 2:
+        raise ValueError(f"expected 'relative/path<TAB>n_samples', got {len(parts)} field(s): {line!r}")
+    try:
+        n = int(parts[1])
+    except ValueError:
+        raise ValueError(f"n_samples is not an integer: {parts[1]!r}") from None
+    if not -_INT64_LIMIT <= n < _INT64_LIMIT:
+        raise ValueError(f"n_samples is out of range: {parts[1]!r}")
+    _, kind, _, length = parse_address(parts[0])
+    if kind == SPAN and n != length:
+        raise ValueError(f"n_samples {n} differs from the span's length {length}: {parts[0]!r}")
+    return parts[0], n
+
+
 def _parse_rows(handle: TextIO, manifest: str) -> Iterator[Tuple[int, str, int]]:
-    """THE row parser: ``(line number, address, n_samples)`` of every data row after line 1, each
-    checked as it is read, so a 2M-row manifest is never held as a list of parsed rows."""
+    """THE row reader: ``(line number, address, n_samples)`` of every data row after line 1, each
+    checked as it is read (:func:`parse_row`), so a 2M-row manifest is never held as a list of parsed rows."""
     for lineno, line in enumerate(handle, start=2):
         line = line.rstrip("\n").rstrip("\r")
         if not line.strip():
             continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise ManifestError(
-                f"{manifest}:{lineno}: expected 'relative/path<TAB>n_samples', got {len(parts)} field(s): {line!r}"
-            )
         try:
-            n = int(parts[1])
-        except ValueError:
-            raise ManifestError(f"{manifest}:{lineno}: n_samples is not an integer: {parts[1]!r}") from None
-        if not -_INT64_LIMIT <= n < _INT64_LIMIT:
-            raise ManifestError(f"{manifest}:{lineno}: n_samples is out of range: {parts[1]!r}")
-        try:
-            _, kind, _, length = parse_address(parts[0])
+            address, n = parse_row(line)
         except ValueError as e:
             raise ManifestError(f"{manifest}:{lineno}: {e}") from None
-        if kind == SPAN and n != length:
-            raise ManifestError(
-                f"{manifest}:{lineno}: n_samples {n} differs from the span's length {length}: {parts[0]!r}"
-            )
-        yield lineno, parts[0], n
+        yield lineno, address, n
 
 
 class ManifestRows:

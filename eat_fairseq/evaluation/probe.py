@@ -55,7 +55,7 @@ from torch import Tensor
 
 from eat_fairseq.data.audio import AudioError, to_mono_16k
 from eat_fairseq.data.clips import open_clip, read_row
-from eat_fairseq.data.features import FeatureConfig, fbank_of, normalize, pad_or_crop, to_window
+from eat_fairseq.data.features import DEFAULT_TARGET_LENGTH, FeatureConfig, fbank_of, normalize, pad_or_crop, to_window
 from eat_fairseq.data.labels import read_label_descriptors, read_split_labels
 from eat_fairseq.data.manifest import ManifestRow, read_manifest_rows
 from eat_fairseq.model.encoder import EATEncoder
@@ -343,7 +343,7 @@ def encoder_features(
     """
     depth = len(encoder.blocks)
     layers = sorted({l % depth for l in layers})
-    length = int(target_length or feat.target_length or 1024)
+    length = int(target_length or feat.target_length or DEFAULT_TARGET_LENGTH)
     ps = encoder.cfg.patch_size
     if length % ps:
         raise ValueError(f"target_length {length} is not a multiple of the patch size {ps}")
@@ -391,7 +391,7 @@ def cropped_clips(data: ProbeData, target_length: int) -> int:
 def logmel_features(data: ProbeData, feat: FeatureConfig, target_length: Optional[int] = None) -> dict[str, Tensor]:
     """Baseline features from the normalised fbank over each clip's real frames (within the window):
     ``logmel-mean`` ``(N, F)`` and ``logmel-meanstd`` ``(N, 2F)``."""
-    length = int(target_length or feat.target_length or 1024)
+    length = int(target_length or feat.target_length or DEFAULT_TARGET_LENGTH)
     means, stds = [], []
     for fb in data.fbank:
         x = normalize(fb[:length], feat.norm_mean, feat.norm_std)

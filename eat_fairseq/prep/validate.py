@@ -25,6 +25,7 @@ from eat_fairseq.data.manifest import (
     SPAN,
     ManifestRow,
     parse_address,
+    parse_row,
 )
 from eat_fairseq.data.shards import shard_members
 from eat_fairseq.prep.common import (
@@ -113,12 +114,11 @@ def validate_manifest(
         if not line.strip():
             continue
         row_of_line[lineno] = len(row_of_line) + 1
-        fields = line.split("\t")
-        if len(fields) != 2:
-            problems.append(Problem(lineno, mpath, f"expected 2 tab-separated fields (path, n_samples), "
-                                                   f"found {len(fields)}: {line[:80]!r}"))
+        try:
+            rel, n = parse_row(line)
+        except ValueError as exc:  # the reason training's reader would refuse this row with
+            problems.append(Problem(lineno, mpath, str(exc)))
             continue
-        rel, count = fields
         if not rel.strip():
             problems.append(Problem(lineno, mpath, "empty path"))
             continue
@@ -126,27 +126,17 @@ def validate_manifest(
         if os.path.isabs(rel):
             problems.append(Problem(lineno, mpath, f"path must be relative to the root: {rel}"))
             continue
-        n: int | None
-        try:
-            n = int(count)
-        except ValueError:
-            n = None
-        if n is None or n <= 0:
-            problems.append(Problem(lineno, mpath, f"n_samples {count!r} is not a positive integer: {rel}"))
-            n = None
-        try:
-            path, kind, offset, length = parse_address(rel)
-        except ValueError as exc:
-            problems.append(Problem(lineno, mpath, f"{exc}"))
-            continue
-        if kind == SPAN and n is not None and n != length:
-            problems.append(Problem(lineno, mpath, f"n_samples {n} differs from the span's length {length}: {rel}"))
+        count: int | None = n
+        if n <= 0:  # training reads the row, but no clip of 0 samples can be loaded
+            problems.append(Problem(lineno, mpath, f"n_samples {n} is not a positive integer: {rel}"))
+            count = None
+        path, kind, offset, length = parse_address(rel)
         key = posixpath.normpath(path) + (f":{offset}:{length}" if kind != FILE else "")
         if key in seen:
             problems.append(Problem(lineno, mpath, f"duplicate of line {seen[key]}: {rel}"))
             continue
         seen[key] = lineno
-        rows.append((lineno, rel, n))
+        rows.append((lineno, rel, count))
 
     if root_ok:
         problems += _check_audio(mpath, root, rows, workers, quiet)

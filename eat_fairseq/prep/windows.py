@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eat_fairseq.data.features import frame_geometry
+from eat_fairseq.data.features import DEFAULT_TARGET_LENGTH, frame_geometry
 from eat_fairseq.data.manifest import (
     FILE,
     SHARD,
@@ -85,7 +85,7 @@ def plan_windows(num_frames: int, window: int, min_last: int) -> list[Window]:
 def split_manifests(
     manifest_dir: str | os.PathLike,
     dest: str | os.PathLike,
-    window_seconds: float = frames_to_seconds(1024),
+    window_seconds: float = frames_to_seconds(DEFAULT_TARGET_LENGTH),
     min_last_seconds: float = 1.0,
     workers: int = 1,
     force: bool = False,
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder with {split}.tsv (+ .lbl, .weights)")
     parser.add_argument("--dest", required=True, metavar="DIR", help="output folder (created)")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--frames", type=int, default=1024, metavar="N",
+    size.add_argument("--frames", type=int, default=DEFAULT_TARGET_LENGTH, metavar="N",
                       help="window length in fbank frames, as task.target_length (default: %(default)s)")
     size.add_argument("--window", type=float, metavar="SECONDS", help="window length in seconds instead")
     parser.add_argument("--min-last", type=float, default=1.0, metavar="SECONDS",

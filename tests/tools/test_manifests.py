@@ -157,14 +157,15 @@ def test_validate_finds_injected_errors_with_line_numbers(manifest: Path, folder
     lines.append("gone.wav\t100")             # line 7: missing file
     lines.append(lines[1])                    # line 8: duplicate of line 2
     lines.append("sub/text.wav\t10")          # line 9: not audio
-    lines.append("a.wav\tabc")                # line 10: bad count (and a duplicate)
+    lines.append("a.wav\tabc")                # line 10: bad count (the row is refused, as training refuses it)
     manifest.write_text("\n".join(lines) + "\n")
 
     found = _lines_of(validate_manifest(manifest, workers=2))
-    assert [line for line, _ in found] == [3, 4, 7, 8, 9, 10, 10]
-    messages = dict(found[:5])
+    assert [line for line, _ in found] == [3, 4, 7, 8, 9, 10]
+    messages = dict(found)
     assert "n_samples is 2999 but the file has 3000 frames" in messages[3]
-    assert "expected 2 tab-separated fields" in messages[4]
+    assert "expected 'relative/path<TAB>n_samples', got 1 field(s)" in messages[4]
+    assert "n_samples is not an integer: 'abc'" in messages[10]
     assert "file not found: gone.wav" in messages[7]
     assert "duplicate of line 2" in messages[8]
     assert "not-audio" in messages[9]
@@ -276,6 +277,29 @@ def test_validate_flags_labels_exactly_where_training_rejects_them(manifest: Pat
     assert bool(problems) == training_refuses, (case, problems)
     if case == "repeated label":  # the descriptor's own line, without the path repeated in the message
         assert _lines_of(problems) == [(2, "label 'x' repeated (first on line 1)")]
+
+
+ROW_CASES = [
+    "a.wav\t3000\textra",                   # three fields
+    "a.wav 3000",                            # space, not tab
+    "a.wav\tabc",                            # not an integer
+    "a.wav\t99999999999999999999",           # beyond int64: training refuses it before numpy would
+    "a.wav:5:0\t0",                          # empty span
+    "a.wav:0:100\t99",                       # count differs from the span
+]
+
+
+@pytest.mark.parametrize("row", ROW_CASES)
+def test_validate_refuses_rows_with_training_readers_reason(manifest: Path, row: str) -> None:
+    """One row check: a row training's reader refuses is flagged by the validator with the same words."""
+    from eat_fairseq.data.manifest import ManifestError, read_manifest
+
+    manifest.write_text(manifest.read_text() + row + "\n")
+    line = len(manifest.read_text().splitlines())
+    with pytest.raises(ManifestError) as refused:
+        read_manifest(str(manifest))
+    reason = str(refused.value).split(f":{line}: ", 1)[1]
+    assert (line, reason) in _lines_of(validate_manifest(manifest))
 
 
 # ------------------------------------------------------------------------------ balanced weights
