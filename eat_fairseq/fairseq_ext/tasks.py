@@ -68,8 +68,11 @@ def check_lr_schedule(task_cfg: Any) -> None:
 
     fairseq's cosine scheduler (without ``lr_period_updates``; ``eat_cosine`` runs one per layer-decay
     group) divides by ``max_update - warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
-    ZeroDivisionError at its last update. The full config is reached through the task node's root
-    (fairseq passes ``cfg.task`` of the composed config); a detached task config is not checked.
+    ZeroDivisionError at its last update. The schedule's length is ``lr_scheduler.max_update`` (fairseq
+    fills it from ``optimization.max_update``; ``+lr_scheduler.max_update=N`` with a smaller
+    ``optimization.max_update`` runs the first updates of a longer schedule exactly). The full config
+    is reached through the task node's root (fairseq passes ``cfg.task`` of the composed config); a
+    detached task config is not checked.
     """
     if not OmegaConf.is_config(task_cfg):
         return
@@ -79,10 +82,13 @@ def check_lr_schedule(task_cfg: Any) -> None:
         return
     if (sched.get("lr_period_updates") or -1) > 0:
         return
-    max_update, warmup = int(optim.get("max_update") or 0), int(sched.get("warmup_updates") or 0)
+    own = sched.get("max_update")
+    name = "lr_scheduler.max_update" if own is not None else "optimization.max_update"
+    max_update = int((own if own is not None else optim.get("max_update")) or 0)
+    warmup = int(sched.get("warmup_updates") or 0)
     if max_update > 0 and max_update == warmup:
         raise ValueError(
-            f"optimization.max_update ({max_update}) equals lr_scheduler.warmup_updates ({warmup}): fairseq's "
+            f"{name} ({max_update}) equals lr_scheduler.warmup_updates ({warmup}): fairseq's "
             "cosine schedule would divide by zero at the last update. Use fewer warm-up updates (the recipes "
             f"use about 10%, e.g. lr_scheduler.warmup_updates={max(1, max_update // 10)}) or more updates."
         )

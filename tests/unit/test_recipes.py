@@ -147,9 +147,40 @@ def test_cosine_schedule_with_max_update_equal_to_warmup_fails_at_start() -> Non
     tasks.setup_task(cfg.task, from_checkpoint=True)  # loading a finished run's checkpoint is not refused
     ok = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=21"])
     tasks.setup_task(ok.task)
+    # the schedule's own length counts: the first 10 updates of a 20-update schedule would still crash
+    short = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=10",
+                                             "+lr_scheduler.max_update=20"])
+    with pytest.raises(ValueError, match=r"lr_scheduler.max_update \(20\) equals"):
+        tasks.setup_task(short.task)
+    early = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=20",
+                                             "+lr_scheduler.max_update=200"])
+    tasks.setup_task(early.task)  # the first 20 updates of the recipe's 200-update schedule
     ft = compose_recipe(FT, "tiny", ["task.data=/tmp/data", "optimization.max_update=2"])
     with pytest.raises(ValueError, match="warm-up"):
         tasks.setup_task(ft.task, from_checkpoint=False)
+
+
+def test_early_stop_keeps_the_long_runs_schedule() -> None:
+    """docs/pretraining.md: optimization.max_update=N +lr_scheduler.max_update=M runs the first N
+    updates of an M-update run at that run's learning rates (without the + key the cosine is shorter)."""
+    import torch
+    from fairseq.optim import build_optimizer
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    from helpers import compose_recipe
+
+    def rates(overrides: list[str], steps: int) -> list[float]:
+        cfg = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "lr_scheduler.warmup_updates=5",
+                                               *overrides])
+        opt = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+        sched = build_lr_scheduler(cfg.lr_scheduler, opt)
+        return [sched.step_update(step) for step in range(steps)]
+
+    long = rates(["optimization.max_update=200"], 30)
+    early = rates(["optimization.max_update=30", "+lr_scheduler.max_update=200"], 30)
+    short = rates(["optimization.max_update=30"], 30)
+    assert early == long
+    assert short[:5] == long[:5] and short[20] < long[20]  # same warm-up, then a 30-update cosine
 
 
 def test_task_num_threads_sets_torch_threads() -> None:
