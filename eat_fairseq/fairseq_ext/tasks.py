@@ -69,7 +69,7 @@ def check_lr_schedule(task_cfg: Any) -> None:
     fairseq's cosine scheduler (without ``lr_period_updates``; ``eat_cosine`` runs one per layer-decay
     group) divides by ``max_update - warmup_updates``, so ``max_update == warmup_updates`` ran the whole warm-up and then died with a
     ZeroDivisionError at its last update. The schedule's length is ``lr_scheduler.max_update`` (fairseq
-    fills it from ``optimization.max_update``; ``+lr_scheduler.max_update=N`` with a smaller
+    fills it from ``optimization.max_update``; ``++lr_scheduler.max_update=N`` with a smaller
     ``optimization.max_update`` runs the first updates of a longer schedule exactly). The full config
     is reached through the task node's root (fairseq passes ``cfg.task`` of the composed config); a
     detached task config is not checked.

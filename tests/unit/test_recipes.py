@@ -149,11 +149,11 @@ def test_cosine_schedule_with_max_update_equal_to_warmup_fails_at_start() -> Non
     tasks.setup_task(ok.task)
     # the schedule's own length counts: the first 10 updates of a 20-update schedule would still crash
     short = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=10",
-                                             "+lr_scheduler.max_update=20"])
+                                             "++lr_scheduler.max_update=20"])
     with pytest.raises(ValueError, match=r"lr_scheduler.max_update \(20\) equals"):
         tasks.setup_task(short.task)
     early = compose_recipe(PRE, "eat_tiny", ["task.data=/tmp/data", "optimization.max_update=20",
-                                             "+lr_scheduler.max_update=200"])
+                                             "++lr_scheduler.max_update=200"])
     tasks.setup_task(early.task)  # the first 20 updates of the recipe's 200-update schedule
     ft = compose_recipe(FT, "tiny", ["task.data=/tmp/data", "optimization.max_update=2"])
     with pytest.raises(ValueError, match="warm-up"):
@@ -161,7 +161,7 @@ def test_cosine_schedule_with_max_update_equal_to_warmup_fails_at_start() -> Non
 
 
 def test_early_stop_keeps_the_long_runs_schedule() -> None:
-    """docs/pretraining.md: optimization.max_update=N +lr_scheduler.max_update=M runs the first N
+    """docs/pretraining.md: optimization.max_update=N ++lr_scheduler.max_update=M runs the first N
     updates of an M-update run at that run's learning rates (without the + key the cosine is shorter)."""
     import torch
     from fairseq.optim import build_optimizer
@@ -177,7 +177,7 @@ def test_early_stop_keeps_the_long_runs_schedule() -> None:
         return [sched.step_update(step) for step in range(steps)]
 
     long = rates(["optimization.max_update=200"], 30)
-    early = rates(["optimization.max_update=30", "+lr_scheduler.max_update=200"], 30)
+    early = rates(["optimization.max_update=30", "++lr_scheduler.max_update=200"], 30)
     short = rates(["optimization.max_update=30"], 30)
     assert early == long
     assert short[:5] == long[:5] and short[20] < long[20]  # same warm-up, then a 30-update cosine
