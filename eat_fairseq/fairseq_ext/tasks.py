@@ -82,9 +82,9 @@ def check_lr_schedule(task_cfg: Any) -> None:
         return
     if (sched.get("lr_period_updates") or -1) > 0:
         return
-    own = sched.get("max_update")
-    name = "lr_scheduler.max_update" if own is not None else "optimization.max_update"
-    max_update = int((own if own is not None else optim.get("max_update")) or 0)
+    section = "lr_scheduler" if sched.get("max_update") is not None else "optimization"  # the schedule's length
+    name = f"{section}.max_update"
+    max_update = int(root[section].get("max_update") or 0)
     warmup = int(sched.get("warmup_updates") or 0)
     if max_update > 0 and max_update == warmup:
         raise ValueError(
