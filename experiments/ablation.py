@@ -17,7 +17,8 @@ set: the student, every block, poolings ``freq``, ``freqstd`` and ``mean``, each
 (``--whole-clips``), leave-one-split-out, beside the same architecture at random initialisation (the
 same seed) and the log-mel baseline. A finished (variant, seed) is skipped when run again, so an
 interrupted screen continues where it stopped (a run killed mid-way resumes from its last
-checkpoint), and sets added later are probed on the finished runs.
+checkpoint with the update count it started with, kept in ``plan.json``), and sets added later are
+probed on the finished runs.
 
 Variants (``VARIANTS``) are named sets of hydra overrides. Those that change the cost of an update
 (mask ratio, clone count, decoder) are meant for equal wall time: give ``--minutes-per-run`` and each
@@ -63,6 +64,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
     "blocks2": (("model.mask_length=2",), False),
     "layer_targets": (("model.target_norm=layer",), False),
     "linear_decoder": (("model.decoder_type=linear",), True),
+    "mlp_decoder": (("model.decoder_type=mlp",), True),
     "transformer_decoder": (("model.decoder_type=transformer",), True),
     "clone1": (("model.clone_batch=1",), True),
     "clone16": (("model.clone_batch=16",), True),
@@ -118,7 +120,15 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         max_update = args.max_update
         rate = None
         base_rate = None
-        if costly and args.equal_time:
+        plan_path = os.path.join(run_dir, "plan.json")
+        if os.path.exists(plan_path):
+            # a run killed mid-way resumes with the update count it started with: timing it again on a
+            # machine under another load would change its schedule (warm-up, EMA, rates) half way
+            with open(plan_path, encoding="utf-8") as handle:
+                plan = json.load(handle)
+            max_update, rate = plan["max_update"], plan["seconds_per_update"]
+            base_rate = plan["base_seconds_per_update"]
+        elif costly and args.equal_time:
             if not args.max_update:
                 raise SystemExit("--equal-time needs --max-update (the base variant's updates)")
             # back to back in the same job, so both see the same load on the machine
@@ -128,6 +138,8 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         elif costly and args.minutes_per_run:
             rate = _seconds_per_update(args, overrides, run_dir, env)
             max_update = max(100, int(args.minutes_per_run * 60 / rate))
+        _write(plan_path, {"max_update": max_update, "seconds_per_update": rate,
+                           "base_seconds_per_update": base_rate})
         extra = [f"model.ema_anneal_end_step={max_update}"] if max_update else []
         ns = SimpleNamespace(recipe=args.recipe, pool=args.pool, seed=seed, resume=os.path.exists(
             os.path.join(run_dir, "pretrain", "checkpoint_last.pt")), probe_every=0, probe_data=None,

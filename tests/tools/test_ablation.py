@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +105,31 @@ def test_equal_time_scales_updates_by_the_base_cost_measured_beside_the_variant(
     assert sorted(timed) == [(), ("model.decoder_type=linear",)]
     with pytest.raises(SystemExit, match="--equal-time needs --max-update"):
         ablation.main([*common, "--out", str(tmp_path / "p"), "--variants", "mask0.6"])
+
+
+def test_a_killed_equal_time_run_resumes_with_the_update_count_it_started_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rates = {(): 0.3, ("model.decoder_type=linear",): 0.2}
+    monkeypatch.setattr(ablation, "_seconds_per_update", lambda args, overrides, run_dir, env: rates[tuple(overrides)])
+    planned: list[int] = []
+
+    def killed(ns, run_dir, env):
+        planned.append(ns.max_update)
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(ablation, "pretrain", killed)
+    monkeypatch.setattr(ablation, "_run", lambda cmd, log, env: 1.0)
+    argv = ["run", "--pool", str(tmp_path), "--set", f"a={tmp_path}", "--equal-time", "--out", str(tmp_path / "o"),
+            "--max-update", "1000", "--variants", "linear_decoder"]
+    assert ablation.main(argv) == 1 and planned == [1500]
+    rates[()] = 0.4  # the machine is busier when the run is started again: a new timing would say 2000
+    resumed: list[Any] = []
+    monkeypatch.setattr(ablation, "pretrain", lambda ns, run_dir, env: (resumed.append(ns), ("ck.pt", 1.0))[1])
+    assert ablation.main(argv) == 0
+    assert resumed[0].max_update == 1500 and "model.ema_anneal_end_step=1500" in resumed[0].set
+    assert "lr_scheduler.warmup_updates=150" in resumed[0].set
+    record = json.loads((tmp_path / "o" / "linear_decoder" / "seed1" / "run.json").read_text())
+    assert record["max_update"] == 1500 and record["base_seconds_per_update"] == 0.3
 
 
 def test_table_says_when_each_runs_online_probe_passed_log_mel(tmp_path: Path) -> None:
