@@ -128,6 +128,10 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
                 plan = json.load(handle)
             max_update, rate = plan["max_update"], plan["seconds_per_update"]
             base_rate = plan["base_seconds_per_update"]
+            asked = plan.get("asked_max_update", args.max_update)
+            print(f"resuming {variant} seed {seed} with the {max_update} updates it was planned with ({plan_path})"
+                  + (f"; --max-update {args.max_update} differs from the {asked} it was started with and applies"
+                     " to new runs only" if asked != args.max_update else ""), flush=True)
         elif costly and args.equal_time:
             if not args.max_update:
                 raise SystemExit("--equal-time needs --max-update (the base variant's updates)")
@@ -138,8 +142,9 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         elif costly and args.minutes_per_run:
             rate = _seconds_per_update(args, overrides, run_dir, env)
             max_update = max(100, int(args.minutes_per_run * 60 / rate))
-        _write(plan_path, {"max_update": max_update, "seconds_per_update": rate,
-                           "base_seconds_per_update": base_rate})
+        if not os.path.exists(plan_path):
+            _write(plan_path, {"max_update": max_update, "seconds_per_update": rate,
+                               "base_seconds_per_update": base_rate, "asked_max_update": args.max_update})
         extra = [f"model.ema_anneal_end_step={max_update}"] if max_update else []
         ns = SimpleNamespace(recipe=args.recipe, pool=args.pool, seed=seed, resume=os.path.exists(
             os.path.join(run_dir, "pretrain", "checkpoint_last.pt")), probe_every=0, probe_data=None,

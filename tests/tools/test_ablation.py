@@ -132,6 +132,26 @@ def test_a_killed_equal_time_run_resumes_with_the_update_count_it_started_with(
     assert record["max_update"] == 1500 and record["base_seconds_per_update"] == 0.3
 
 
+def test_a_resume_with_another_max_update_says_it_keeps_the_planned_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def killed(ns, run_dir, env):
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(ablation, "pretrain", killed)
+    monkeypatch.setattr(ablation, "_run", lambda cmd, log, env: 1.0)
+    argv = ["run", "--pool", str(tmp_path), "--set", f"a={tmp_path}", "--out", str(tmp_path / "o"),
+            "--max-update", "1000", "--variants", "frame_only"]
+    assert ablation.main(argv) == 1
+    resumed: list[Any] = []
+    monkeypatch.setattr(ablation, "pretrain", lambda ns, run_dir, env: (resumed.append(ns), ("ck.pt", 1.0))[1])
+    capsys.readouterr()
+    assert ablation.main([*argv[:-4], "--max-update", "2000", "--variants", "frame_only"]) == 0
+    out = capsys.readouterr().out
+    assert resumed[0].max_update == 1000
+    assert "with the 1000 updates it was planned with" in out
+    assert "--max-update 2000 differs from the 1000 it was started with" in out
+
+
 def test_table_says_when_each_runs_online_probe_passed_log_mel(tmp_path: Path) -> None:
     _write_run(tmp_path, "base", 1, _probe([0.6, 0.6, 0.6], [0.5, 0.5, 0.5], 1))
     record = json.loads((tmp_path / "base" / "seed1" / "run.json").read_text())
