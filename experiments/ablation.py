@@ -121,17 +121,20 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         rate = None
         base_rate = None
         plan_path = os.path.join(run_dir, "plan.json")
-        if os.path.exists(plan_path):
+        planned = os.path.exists(plan_path)
+        if planned:
             # a run killed mid-way resumes with the update count it started with: timing it again on a
             # machine under another load would change its schedule (warm-up, EMA, rates) half way
             with open(plan_path, encoding="utf-8") as handle:
                 plan = json.load(handle)
             max_update, rate = plan["max_update"], plan["seconds_per_update"]
             base_rate = plan["base_seconds_per_update"]
-            asked = plan.get("asked_max_update", args.max_update)
-            print(f"resuming {variant} seed {seed} with the {max_update} updates it was planned with ({plan_path})"
-                  + (f"; --max-update {args.max_update} differs from the {asked} it was started with and applies"
-                     " to new runs only" if asked != args.max_update else ""), flush=True)
+            message = f"resuming {variant} seed {seed} with the {max_update} updates it was planned with ({plan_path})"
+            asked = plan.get("asked_max_update", args.max_update)  # plans written before it was recorded: unknown
+            if asked != args.max_update:
+                message += (f"; --max-update {args.max_update} differs from the {asked} it was started with"
+                            " and applies to new runs only")
+            print(message, flush=True)
         elif costly and args.equal_time:
             if not args.max_update:
                 raise SystemExit("--equal-time needs --max-update (the base variant's updates)")
@@ -142,7 +145,7 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> str:
         elif costly and args.minutes_per_run:
             rate = _seconds_per_update(args, overrides, run_dir, env)
             max_update = max(100, int(args.minutes_per_run * 60 / rate))
-        if not os.path.exists(plan_path):
+        if not planned:
             _write(plan_path, {"max_update": max_update, "seconds_per_update": rate,
                                "base_seconds_per_update": base_rate, "asked_max_update": args.max_update})
         extra = [f"model.ema_anneal_end_step={max_update}"] if max_update else []
