@@ -671,7 +671,7 @@ def read_any(path: str | os.PathLike, kind: str = "auto") -> tuple[dict[str, Any
 _KEPT: dict[tuple, dict[str, Any]] = {}
 
 
-def load_ours(path: str | os.PathLike, trusted: bool = False, keep: bool = False) -> dict[str, Any]:
+def load_ours(path: str | os.PathLike, trusted: bool = False, keep: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Any checkpoint the project reads, in our layout: THE checkpoint loader of every consumer.
 
     ``load_model`` (inference, eat-extract, eat-tag, HEAR), ``eat-evaluate`` and fine-tuning's
@@ -680,17 +680,21 @@ def load_ours(path: str | os.PathLike, trusted: bool = False, keep: bool = False
     ``.safetensors`` port are converted in memory by the same code as ``eat-convert``. Reading goes
     through the restricted unpickler (:func:`eat_fairseq.checkpoints.load.load_checkpoint`) unless
     ``trusted``. ``keep``: remember this one file (keyed by path and modification time) for the next
-    call, because building a fine-tuning model reads it twice (config, then weights). Errors name the
-    file: :class:`CheckpointError` for unreadable files, :class:`ConversionError` for the rest.
+    call, because building a fine-tuning model reads it twice (config, then weights). ``mmap``: map
+    the ``.pt``'s tensors instead of reading them (:func:`~eat_fairseq.checkpoints.load.load_checkpoint`),
+    so that parts the caller does not use (a pre-training checkpoint's teacher, decoder and optimiser
+    state) are never read; the caller must copy what it keeps, since the mapping follows the file.
+    Errors name the file: :class:`CheckpointError` for unreadable files, :class:`ConversionError` for
+    the rest.
     """
     path = os.fspath(path)
-    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, trusted)
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, trusted, mmap)
     if key in _KEPT:
         return _KEPT[key]
     if is_safetensors(path):
         ours, _ = read_any(path)
     else:
-        ckpt = load_checkpoint(path, trusted=trusted)
+        ckpt = load_checkpoint(path, trusted=trusted, mmap=mmap)
         try:
             if detect_source(ckpt)[0] == "released":
                 ours, summary = convert_released(ckpt)

@@ -224,12 +224,18 @@ class EATEncoder(nn.Module):
             Block(d, cfg.num_heads, cfg.mlp_ratio, dp, cfg.dropout, cfg.attn_dropout, cfg.norm_eps)
             for dp in drop_path
         )
-        pos = sincos_pos_embed_2d(d, cfg.max_length, cfg.grid_w).unsqueeze(0)  # (1, max_length*W, D)
-        pos = pos.to(self.cls_token.device)  # follows a default-device context (meta, cuda)
+        if self.cls_token.is_meta:
+            # shapes only (load_model then assigns a checkpoint's tensors): nothing to compute or draw, and
+            # drawing on meta tensors imports torch._dynamo (1 s)
+            pos = torch.empty(1, cfg.max_length * cfg.grid_w, d, dtype=torch.float32, device="meta")
+        else:
+            pos = sincos_pos_embed_2d(d, cfg.max_length, cfg.grid_w).unsqueeze(0)  # (1, max_length*W, D)
+            pos = pos.to(self.cls_token.device)  # follows a default-device context (cuda)
         self.register_buffer("pos_embed", pos, persistent=True)
 
-        self.apply(init_linear_and_norm_)
-        nn.init.normal_(self.cls_token, std=1.0)
+        if not self.cls_token.is_meta:
+            self.apply(init_linear_and_norm_)
+            nn.init.normal_(self.cls_token, std=1.0)
 
     @property
     def embed_dim(self) -> int:

@@ -117,6 +117,45 @@ def test_student_by_default_teacher_on_request(ckpt_dir: Path, pre: EATModelHand
         load_model(ckpt_dir / "single.pt", use_teacher=True)
 
 
+@pytest.mark.parametrize("kind", ["pretrained", "classifier"])
+def test_loading_draws_no_random_init_and_keeps_nothing_of_the_file(tmp_path: Path, kind: str) -> None:
+    """load_model builds the model on the meta device and copies the (memory-mapped) checkpoint's
+    tensors into it: it draws nothing from torch's generator (no random init to overwrite), every
+    tensor is a float32 CPU tensor equal to the file's, and overwriting the file in place afterwards
+    (as fairseq copies over checkpoint_last.pt) leaves the loaded model as it was."""
+    path = write_pretrained(tmp_path / "m.pt") if kind == "pretrained" else write_classifier(tmp_path / "m.pt")
+    stored = torch.load(path, weights_only=True)["model"]
+    rng = torch.random.get_rng_state()
+    handle = load_model(path)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    module = handle.classifier if kind == "classifier" else handle.encoder
+    prefix = "" if kind == "classifier" else "encoder."
+    for name, tensor in module.state_dict().items():
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
+        assert torch.equal(tensor, stored[prefix + name]), name
+    x = tone(1.3, seed=7)
+    want = handle.extract(x)
+    with open(path, "r+b") as f:  # the same inode, every byte changed
+        size = f.seek(0, 2)
+        f.seek(0)
+        f.write(b"\xff" * size)
+    np.testing.assert_array_equal(handle.extract(x), want)
+
+
+def test_loading_imports_no_compiler(tmp_path: Path) -> None:
+    """Building the model on the meta device skips the random init, whose draws on meta tensors would
+    import torch._dynamo (about 1 s of a 1.3 s EAT-base load)."""
+    import subprocess
+
+    path = write_pretrained(tmp_path / "m.pt")
+    code = (
+        "import sys; from eat_fairseq.inference.api import load_model; "
+        f"load_model({str(path)!r}); assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_feature_settings_come_from_the_task(tmp_path: Path) -> None:
     path = write_classifier(tmp_path / "esc.pt", task_extra={"target_length": 64, "norm_mean": -6.627, "norm_std": 5.359})
     handle = load_model(path)
