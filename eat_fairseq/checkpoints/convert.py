@@ -683,11 +683,14 @@ def load_ours(path: str | os.PathLike, trusted: bool = False, keep: bool = False
     call, because building a fine-tuning model reads it twice (config, then weights). ``mmap``: map
     the ``.pt``'s tensors instead of reading them (:func:`~eat_fairseq.checkpoints.load.load_checkpoint`),
     so that parts the caller does not use (a pre-training checkpoint's teacher, decoder and optimiser
-    state) are never read; the caller must copy what it keeps, since the mapping follows the file.
+    state) are never read; the caller must copy what it keeps, since the mapping follows the file
+    (and so not with ``keep``, whose cache checks only the modification time).
     Errors name the file: :class:`CheckpointError` for unreadable files, :class:`ConversionError` for
     the rest.
     """
     path = os.fspath(path)
+    if keep and mmap:
+        raise ValueError("load_ours: keep and mmap do not go together (a kept mapping would follow the file)")
     key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else None, trusted, mmap)
     if key in _KEPT:
         return _KEPT[key]

@@ -180,9 +180,13 @@ def _label_list(task_state: Mapping[str, Any], num_classes: int, path: str) -> l
 def _load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], path: str) -> None:
     """Give ``module`` (built on the ``meta`` device: no memory, no random initialisation) the tensors of
     ``state``, which must match its keys and shapes exactly, as private contiguous copies in the
-    module's dtypes. Why: initialising EAT-base's weights only to overwrite them took 1.7 s of a 2.2 s
-    load (one thread), and copying (rather than keeping the memory-mapped tensors) leaves nothing tied
-    to the file, which training may rewrite in place (fairseq copies over ``checkpoint_last.pt``)."""
+    module's dtypes. Why: initialising the weights at random only to overwrite them, and reading the
+    teacher, decoder and optimiser state a pre-training checkpoint also holds, made an EAT-base load
+    take 1.3-2.9 s instead of 0.2 s (one thread, 2026-12-07). Copying (rather than keeping the
+    memory-mapped tensors) leaves nothing tied to the file once the load returns: plain fairseq and
+    ``cp`` rewrite a file such as ``checkpoint_last.pt`` in place. During the load itself the file must
+    not shrink (the mapping would fault); this package's training replaces checkpoints by renaming
+    (:mod:`eat_fairseq.fairseq_ext.checkpoint_io`), which never touches a file being read."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

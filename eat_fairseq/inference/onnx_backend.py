@@ -1,8 +1,9 @@
 """Run ``.onnx`` files written by ``eat-export`` with onnxruntime, behind the same handle as a ``.pt``.
 
 Most users of an EAT model embed or tag a corpus on CPU servers and laptops, where onnxruntime runs
-the encoder with int8 weights 2.5-2.9x as fast as PyTorch eager (fp32 about as fast: both are bound
-by fp32 matrix products; ``benchmarks/extract_throughput.py``). So the ONNX file is one more checkpoint format:
+the encoder with int8 weights 2.5-3.1x as fast as PyTorch eager on CPUs with VNNI (fp32 about as
+fast: both are bound by fp32 matrix products; ``benchmarks/extract_throughput.py``). So the ONNX file
+is one more checkpoint format:
 :func:`eat_fairseq.inference.api.load_model` (and with it ``eat-extract``, ``eat-tag``, the HEAR module
 and ``eat-probe``) returns an :class:`OnnxModelHandle` for it, an
 :class:`~eat_fairseq.inference.api.EATModelHandle` whose encoder (and head) are onnxruntime sessions.

@@ -117,14 +117,19 @@ def test_student_by_default_teacher_on_request(ckpt_dir: Path, pre: EATModelHand
         load_model(ckpt_dir / "single.pt", use_teacher=True)
 
 
-@pytest.mark.parametrize("kind", ["pretrained", "classifier"])
+@pytest.mark.parametrize("kind", ["pretrained", "classifier", "fp16"])
 def test_loading_draws_no_random_init_and_keeps_nothing_of_the_file(tmp_path: Path, kind: str) -> None:
     """load_model builds the model on the meta device and copies the (memory-mapped) checkpoint's
     tensors into it: it draws nothing from torch's generator (no random init to overwrite), every
-    tensor is a float32 CPU tensor equal to the file's, and overwriting the file in place afterwards
-    (as fairseq copies over checkpoint_last.pt) leaves the loaded model as it was."""
-    path = write_pretrained(tmp_path / "m.pt") if kind == "pretrained" else write_classifier(tmp_path / "m.pt")
-    stored = torch.load(path, weights_only=True)["model"]
+    tensor is a float32 CPU tensor equal to the file's (an fp16 file's cast to float32), and
+    overwriting the file in place afterwards (as plain fairseq copies over checkpoint_last.pt) leaves
+    the loaded model, head included, as it was."""
+    path = write_classifier(tmp_path / "m.pt") if kind == "classifier" else write_pretrained(tmp_path / "m.pt")
+    if kind == "fp16":
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+        torch.save(ckpt, path)
+    stored = torch.load(path, weights_only=False)["model"]
     rng = torch.random.get_rng_state()
     handle = load_model(path)
     assert torch.equal(torch.random.get_rng_state(), rng)
@@ -132,14 +137,26 @@ def test_loading_draws_no_random_init_and_keeps_nothing_of_the_file(tmp_path: Pa
     prefix = "" if kind == "classifier" else "encoder."
     for name, tensor in module.state_dict().items():
         assert tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()
-        assert torch.equal(tensor, stored[prefix + name]), name
+        assert torch.equal(tensor, stored[prefix + name].float()), name
     x = tone(1.3, seed=7)
     want = handle.extract(x)
+    scores = handle.predict(x, top_k=None) if kind == "classifier" else None
     with open(path, "r+b") as f:  # the same inode, every byte changed
         size = f.seek(0, 2)
         f.seek(0)
         f.write(b"\xff" * size)
     np.testing.assert_array_equal(handle.extract(x), want)
+    if kind == "classifier":
+        assert handle.predict(x, top_k=None) == scores
+
+
+def test_a_kept_checkpoint_is_never_mapped(tmp_path: Path) -> None:
+    from eat_fairseq.checkpoints.convert import load_ours
+
+    path = write_pretrained(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="keep and mmap"):
+        load_ours(path, keep=True, mmap=True)
+    assert load_ours(path, mmap=True)["model"].keys() == load_ours(path, keep=True)["model"].keys()
 
 
 def test_loading_imports_no_compiler(tmp_path: Path) -> None:
