@@ -85,6 +85,20 @@ class Row:
     encoder_speedup: float = 1.0
 
 
+def int8_features(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's int8 product instructions that decide int8 speed, as the header names them: VNNI and
+    AMX from ``/proc/cpuinfo``'s flags, else a plain "no VNNI flag" (not Linux, not x86, or neither)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            line = next((x for x in handle if x.startswith("flags")), "")
+    except OSError:
+        line = ""
+    flags = set(line.partition(":")[2].split())
+    named = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8"))
+             if flag in flags]
+    return ", ".join(named) if named else "no VNNI flag"
+
+
 def machine() -> str:
     """One line naming the CPU, its cores and the library versions."""
     cpu = platform.processor() or "cpu"
@@ -98,7 +112,7 @@ def machine() -> str:
     from eat_fairseq.inference.onnx_format import default_int8_weights, int8_saturates
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    vnni = "no VNNI: signed int8 products saturate" if int8_saturates() else "VNNI or not x86"
+    vnni = "no VNNI: signed int8 products saturate" if int8_saturates() else int8_features()
     return (
         f"{datetime.date.today().isoformat()}, {cpu} ({vnni}; eat-export --int8 writes "
         f"{default_int8_weights()} weights), {cores} cores, Python {platform.python_version()}, "
