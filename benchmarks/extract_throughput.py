@@ -88,12 +88,13 @@ class Row:
 def int8_features(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's int8 product instructions that decide int8 speed, as the header names them: VNNI and
     AMX from ``/proc/cpuinfo``'s flags, else a plain "no VNNI flag" (not Linux, not x86, or neither)."""
+    from eat_fairseq.inference.onnx_format import cpuinfo_flags
+
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            line = next((x for x in handle if x.startswith("flags")), "")
+            flags = cpuinfo_flags(handle.read()) or set()
     except OSError:
-        line = ""
-    flags = set(line.partition(":")[2].split())
+        flags = set()
     named = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8"))
              if flag in flags]
     return ", ".join(named) if named else "no VNNI flag"

@@ -198,14 +198,21 @@ def int8_saturates() -> bool:
     return saturates
 
 
+def cpuinfo_flags(text: str) -> set[str] | None:
+    """The CPU flags of a Linux ``/proc/cpuinfo``'s first ``flags`` line; ``None`` without one."""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
 def cpuinfo_saturates(text: str) -> bool | None:
     """From a Linux ``/proc/cpuinfo``'s first ``flags`` line: AVX2 without AVX512-VNNI or AVX-VNNI
     (:func:`int8_saturates`); ``None`` without such a line."""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
-    return None
+    flags = cpuinfo_flags(text)
+    if flags is None:
+        return None
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
 
 
 def default_int8_weights() -> str:
