@@ -54,6 +54,8 @@ from eat_fairseq.inference.onnx_format import (
     is_onnx_path,
     make_session,
     open_onnx,
+    run_windows,
+    windows_per_run,
 )
 
 __all__ = [
@@ -102,6 +104,7 @@ class OnnxEncoder(nn.Module):
         self.cfg = meta.encoder
         self.layer = meta.layer
         self.int8 = meta.int8
+        self.windows_per_run = windows_per_run(session, meta.encoder.num_heads)
         self.blocks = nn.ModuleList(nn.Identity() for _ in range(meta.encoder.depth))
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 
@@ -129,7 +132,7 @@ class OnnxEncoder(nn.Module):
                 f"{self.cfg.patch_size * self.cfg.max_length}"
             )
         feed = fbank.detach().to("cpu", torch.float32).contiguous().numpy()
-        return [torch.from_numpy(out) for out in self.session.run(list(names), {INPUT_NAME: feed})]
+        return [torch.from_numpy(out) for out in run_windows(self.session, list(names), feed, self.windows_per_run)]
 
     def extract_features(self, fbank: Tensor, layer: int | None = None) -> Tensor:
         """Features ``(B, 1+P, D)`` of the exported block, CLS first (as ``EATEncoder.extract_features``)."""

@@ -98,6 +98,8 @@ from eat_fairseq.inference.onnx_format import (
     import_onnxruntime,
     int8_saturates,
     make_session,
+    run_windows,
+    windows_per_run,
 )
 from eat_fairseq.model.encoder import Attention, Block
 
@@ -360,13 +362,10 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-30)
 
 
-def _run_session(session: Any, windows: Tensor, names: Sequence[str], batch: int) -> list[Tensor]:
-    parts: list[list[Tensor]] = [[] for _ in names]
-    for start in range(0, windows.shape[0], batch):
-        feed = windows[start : start + batch].contiguous().numpy()
-        for part, out in zip(parts, session.run(list(names), {INPUT_NAME: feed})):
-            part.append(torch.from_numpy(out))
-    return [torch.cat(p) for p in parts]
+def _run_session(session: Any, windows: Tensor, names: Sequence[str], num_heads: int) -> list[Tensor]:
+    """The file's outputs as its users get them (windows run as :func:`windows_per_run` says)."""
+    outs = run_windows(session, list(names), windows.contiguous().numpy(), windows_per_run(session, num_heads))
+    return [torch.from_numpy(out) for out in outs]
 
 
 def _run_eager(graph: ExportGraph, windows: Tensor, batch: int) -> list[Tensor]:
@@ -663,14 +662,14 @@ def export_onnx(
             )
         _write_metadata(onnx, fp32_path, meta)
         eager = _run_eager(graph, windows, handle.batch_size)
-        fp32 = _run_session(make_session(fp32_path), windows, names, handle.batch_size)
+        fp32 = _run_session(make_session(fp32_path), windows, names, handle.encoder.cfg.num_heads)
         max_abs = max(float((a - b).abs().max()) for a, b in zip(fp32, eager))
         scale = max(float(e.abs().max()) for e in eager)
         cost: dict[str, Any] = {}
         if int8:
             with _quiet_export():
                 _quantize(fp32_path, int8_path, keep_fp32=kept, weights=weights)
-            quantized = _run_session(make_session(int8_path), windows, names, handle.batch_size)
+            quantized = _run_session(make_session(int8_path), windows, names, handle.encoder.cfg.num_heads)
             cost = _int8_cost(fp32, quantized, handle.num_freq_patches, handle.multi_label)
             cost["fp32_blocks"] = fp32_blocks
             cost["int8_cls"] = int8_cls

@@ -30,11 +30,12 @@ from eat_fairseq.data.feature_settings import num_frames
 from eat_fairseq.inference.geometry import WindowGeometry
 from eat_fairseq.inference.onnx_format import (
     FEATURES_NAME,
-    INPUT_NAME,
     LOGITS_NAME,
     OnnxMetadata,
     check_exported_layer,
     open_onnx,
+    run_windows,
+    windows_per_run,
 )
 
 __all__ = ["OnnxRunner", "load_runner"]
@@ -73,7 +74,8 @@ class OnnxRunner(WindowGeometry):
         self.kind = meta.kind
         self.labels = meta.labels
         self.multi_label = meta.multi_label
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # clips prepared together; onnxruntime runs windows_per_run at a time
+        self.windows_per_run = windows_per_run(session, enc.num_heads)
         self.source = path
         self.threads = threads  # also torch's, should a clip need its resampler
 
@@ -176,11 +178,7 @@ class OnnxRunner(WindowGeometry):
         return np.concatenate(pieces), list(valid)
 
     def _run(self, windows: np.ndarray, name: str) -> np.ndarray:
-        out = [
-            self.session.run([name], {INPUT_NAME: np.ascontiguousarray(windows[i : i + self.batch_size])})[0]
-            for i in range(0, windows.shape[0], self.batch_size)
-        ]
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return run_windows(self.session, [name], windows, self.windows_per_run)[0].astype(np.float32, copy=False)
 
     def embed_waveforms(self, waves: list[np.ndarray], patches: bool = False) -> list[dict[str, np.ndarray]]:
         """Per clip ``{"utterance" (D,), "frame" (H, D)[, "patches" (H, W, D)]}``, pooled as the torch handle pools."""

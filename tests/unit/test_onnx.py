@@ -433,6 +433,70 @@ def test_cpuinfo_flags_and_the_default_weights(monkeypatch: pytest.MonkeyPatch) 
     assert fmt.default_int8_weights() == "u8"
 
 
+def test_windows_per_run_follows_threads_and_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One window per onnxruntime run up to ``num_heads`` threads, then enough (window, head) pairs."""
+    import types
+
+    import eat_fairseq.inference.onnx_format as fmt
+
+    def session(threads: int) -> object:
+        options = types.SimpleNamespace(intra_op_num_threads=threads)
+        return types.SimpleNamespace(get_session_options=lambda: options)
+
+    assert [fmt.windows_per_run(session(t), 12) for t in (1, 2, 12, 13, 24, 25)] == [1, 1, 1, 2, 2, 3]
+    assert fmt.windows_per_run(session(16), 16) == 1
+    monkeypatch.setattr(fmt.os, "cpu_count", lambda: 40)
+    assert fmt.windows_per_run(session(0), 16) == 3  # 0: onnxruntime's own count, taken as the CPUs
+
+
+@pytest.mark.parametrize("api", ["handle", "runner"])
+def test_int8_embedding_does_not_depend_on_the_batch(files: dict, api: str) -> None:
+    """int8 activations are quantised with one scale per onnxruntime run; runs of one window (on few
+    threads) make a clip's int8 embedding the same alone and beside louder clips. With all windows in
+    one run, as before, it was not (the control below)."""
+    from eat_fairseq.inference.onnx_runner import load_runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the sessions take torch's count; two threads, four heads: one window per run
+    try:
+        model = load_model(files["pre_int8.onnx"], batch_size=8) if api == "handle" else load_runner(files["pre_int8.onnx"])
+    finally:
+        torch.set_num_threads(threads)
+    runs = model.encoder if api == "handle" else model
+    assert runs.windows_per_run == 1
+    clip, loud = tone(2.1, seed=3), [10 * tone(1.0, seed=s) for s in (7, 8)]
+    alone = np.asarray(model.extract(clip, granularity="frame"))
+    together = np.asarray(model.extract([clip, *loud], granularity="frame")[0])
+    np.testing.assert_array_equal(together, alone)
+    runs.windows_per_run = 8
+    assert np.abs(np.asarray(model.extract([clip, *loud], granularity="frame")[0]) - alone).max() > 1e-4
+
+
+def test_sessions_leave_out_the_skip_layer_norm_fusion(files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_session's graphs keep Add + LayerNormalization (faster than onnxruntime's fused
+    SkipLayerNormalization for int8 files); the fusion would apply to these files otherwise."""
+    import onnx
+    import onnxruntime as ort
+
+    from eat_fairseq.inference.onnx_format import make_session
+
+    real = ort.InferenceSession
+    saved = tmp_path / "optimised.onnx"
+
+    def saving(path: str, options: "ort.SessionOptions", **kwargs: object) -> object:
+        options.optimized_model_filepath = str(saved)
+        return real(path, options, **kwargs)
+
+    def ops() -> set[str]:
+        return {n.op_type for n in onnx.load(str(saved)).graph.node}
+
+    monkeypatch.setattr(ort, "InferenceSession", saving)
+    make_session(str(files["pre_int8.onnx"]), threads=1)
+    assert "SkipLayerNormalization" not in ops() and "LayerNormalization" in ops()
+    saving(str(files["pre_int8.onnx"]), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in ops()
+
+
 def test_plain_warnings_rewrite_only_our_own(capsys: pytest.CaptureFixture[str]) -> None:
     import warnings
 
