@@ -310,7 +310,10 @@ def load_for_cli(args: argparse.Namespace, prog: str) -> Optional["Model"]:
 def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """``--batch-size``, ``--device``, ``--threads``, ``--trust-checkpoint`` and ``--no-progress``
     (eat-extract and eat-tag)."""
-    parser.add_argument("--batch-size", type=int, default=8, help=f"clips loaded / windows {what} together")
+    parser.add_argument(
+        "--batch-size", type=int, default=8,
+        help=f"clips loaded / windows {what} together (an .onnx runs them a window at a time on few threads)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (.onnx files: cpu)")
     add_threads_argument(parser)
     parser.add_argument(
