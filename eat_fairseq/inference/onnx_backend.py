@@ -104,7 +104,7 @@ class OnnxEncoder(nn.Module):
         self.cfg = meta.encoder
         self.layer = meta.layer
         self.int8 = meta.int8
-        self.windows_per_run = windows_per_run(session, meta.encoder.num_heads)
+        self.windows_per_run = windows_per_run(session, meta.encoder.num_heads, meta.int8)
         self.blocks = nn.ModuleList(nn.Identity() for _ in range(meta.encoder.depth))
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 

@@ -362,9 +362,12 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-30)
 
 
-def _run_session(session: Any, windows: Tensor, names: Sequence[str], num_heads: int) -> list[Tensor]:
-    """The file's outputs as its users get them (windows run as :func:`windows_per_run` says)."""
-    outs = run_windows(session, list(names), windows.contiguous().numpy(), windows_per_run(session, num_heads))
+def _run_session(session: Any, windows: Tensor, names: Sequence[str], num_heads: int, int8: bool) -> list[Tensor]:
+    """The file's outputs as its users get them: windows run as :func:`windows_per_run` says for this
+    machine's threads (an int8 file's check can differ a little between machines that run more
+    windows per run than one)."""
+    per_run = windows_per_run(session, num_heads, int8)
+    outs = run_windows(session, list(names), windows.contiguous().numpy(), per_run)
     return [torch.from_numpy(out) for out in outs]
 
 
@@ -662,14 +665,14 @@ def export_onnx(
             )
         _write_metadata(onnx, fp32_path, meta)
         eager = _run_eager(graph, windows, handle.batch_size)
-        fp32 = _run_session(make_session(fp32_path), windows, names, handle.encoder.cfg.num_heads)
+        fp32 = _run_session(make_session(fp32_path), windows, names, handle.encoder.cfg.num_heads, False)
         max_abs = max(float((a - b).abs().max()) for a, b in zip(fp32, eager))
         scale = max(float(e.abs().max()) for e in eager)
         cost: dict[str, Any] = {}
         if int8:
             with _quiet_export():
                 _quantize(fp32_path, int8_path, keep_fp32=kept, weights=weights)
-            quantized = _run_session(make_session(int8_path), windows, names, handle.encoder.cfg.num_heads)
+            quantized = _run_session(make_session(int8_path), windows, names, handle.encoder.cfg.num_heads, True)
             cost = _int8_cost(fp32, quantized, handle.num_freq_patches, handle.multi_label)
             cost["fp32_blocks"] = fp32_blocks
             cost["int8_cls"] = int8_cls

@@ -37,6 +37,7 @@ __all__ = [
     "default_int8_weights",
     "default_threads",
     "import_onnxruntime",
+    "physical_cores",
     "run_windows",
     "windows_per_run",
     "int8_saturates",
@@ -242,9 +243,10 @@ def make_session(path: str, threads: int | None = None) -> Any:
     The fusion of each residual ``Add`` with the ``LayerNormalization`` after it into onnxruntime's
     ``SkipLayerNormalization`` is left out (:data:`LEFT_OUT_FUSIONS`): that kernel took 95 ms of an
     int8 EAT-base run of 4 x 1,024 frames on one thread (onnxruntime 1.32, AVX-512 EPYC), the
-    ``Add`` and ``LayerNormalization`` it replaces 14 ms, so the int8 encoder runs about 5% faster
-    without it (4% on two threads), with the same accuracy (CLS cosine to fp32 0.999883 against
-    0.999884); fp32 outputs are bit-identical either way.
+    ``Add`` and ``LayerNormalization`` it replaces 14 ms, so the int8 encoder ran 4-6% faster
+    without it on one thread (0-9% on two, by windows per run), with the same accuracy (CLS cosine to
+    fp32 0.999883 against 0.999884); fp32 files are not fused that way, so they do not change.
+    Measured on one CPU only (a 2-core AVX-512 VNNI EPYC).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -263,22 +265,41 @@ def make_session(path: str, threads: int | None = None) -> Any:
         raise ModelLoadError(f"{path}: onnxruntime cannot load it: {text}") from exc
 
 
-def windows_per_run(session: Any, num_heads: int) -> int:
-    """How many windows one ``session.run`` takes: enough (window, head) pairs for the session's
-    intra-op threads, ``ceil(threads / num_heads)``, so one window on up to ``num_heads`` threads.
+def physical_cores() -> int:
+    """CPU cores this process may run on, hyperthreads counted once (what onnxruntime's default
+    thread count follows); from Linux's CPU topology, else the logical CPU count."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list", encoding="ascii") as handle:
+                cores.add(handle.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
-    Why not the caller's batch: onnxruntime runs the encoder faster a window at a time, because one
-    window's activations stay in the CPU's caches between operators (measured with EAT-base, 8 windows
-    of 1,024 frames, onnxruntime 1.32, AVX-512 EPYC: int8 one window per run 2.99 s, four 3.14 s,
-    eight 3.28 s on one thread, 1.55 / 1.71 / 1.66 s on two; fp32 7.86 / 8.15 / 8.60 s on one
-    thread; EAT-large int8 9.56 / 10.03 / 10.59 s), while torch eager was fastest with four (8.31 s
-    against 8.62 s with one). The attention kernel shares its work out by (window, head), hence the
-    lower bound on larger machines (not measured there). A second reason: int8 activations are
-    quantised with one scale per run, so a window's int8 output depends on the windows run with it;
-    one window per run makes a clip's int8 embedding the same whatever batch it comes in.
+
+def windows_per_run(session: Any, num_heads: int, int8: bool) -> int:
+    """How many windows one ``session.run`` takes: an int8 file one per ``num_heads`` intra-op
+    threads, ``ceil(threads / num_heads)`` (one window on up to ``num_heads`` threads), an fp32 file
+    twice that.
+
+    Why not the caller's batch (measured with onnxruntime 1.32 on a 2-core AVX-512 VNNI EPYC only,
+    1,024-frame windows): onnxruntime ran the encoder faster in small runs, probably because a
+    window's activations then stay in the CPU's caches between operators. EAT-base int8, 8 windows:
+    one window per run 2.99 s, two 2.98, four 3.14, eight 3.28 on one thread, 1.55 / 1.59 / 1.71 /
+    1.66 s on two; EAT-large int8 9.56 / 9.67 / 10.03 / 10.59 s. fp32 gained less and lost with one
+    window on EAT-large (31.85 / 29.58 / 29.80 / 31.36 s; EAT-base 7.86 / 7.88 / 8.15 / 8.60 s, two
+    threads 4.31 / 4.11 / 4.09 / 4.19 s), hence two. torch eager was fastest with four (8.31 s against
+    8.62 s with one), so the ``.pt`` path keeps the batch. The attention kernel shares its work out by
+    (window, head), hence more windows on machines with more threads than heads (not measured).
+    And for int8 a second reason: its activations are quantised with one scale per run, so a window's
+    int8 output depends on the windows run with it; with one window per run (up to ``num_heads``
+    threads) a clip's int8 embedding is the same whatever batch it comes in. Threads 0 (onnxruntime's
+    default) count as :func:`physical_cores`.
     """
-    threads = int(session.get_session_options().intra_op_num_threads) or os.cpu_count() or 1
-    return max(1, -(-threads // max(1, int(num_heads))))
+    threads = int(session.get_session_options().intra_op_num_threads) or physical_cores()
+    return max(1, -(-threads // max(1, int(num_heads)))) * (1 if int8 else 2)
 
 
 def run_windows(session: Any, names: list[str], windows: Any, per_run: int) -> list[Any]:

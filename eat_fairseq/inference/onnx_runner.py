@@ -75,7 +75,7 @@ class OnnxRunner(WindowGeometry):
         self.labels = meta.labels
         self.multi_label = meta.multi_label
         self.batch_size = batch_size  # clips prepared together; onnxruntime runs windows_per_run at a time
-        self.windows_per_run = windows_per_run(session, enc.num_heads)
+        self.windows_per_run = windows_per_run(session, enc.num_heads, meta.int8)
         self.source = path
         self.threads = threads  # also torch's, should a clip need its resampler
 

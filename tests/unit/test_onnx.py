@@ -433,8 +433,9 @@ def test_cpuinfo_flags_and_the_default_weights(monkeypatch: pytest.MonkeyPatch) 
     assert fmt.default_int8_weights() == "u8"
 
 
-def test_windows_per_run_follows_threads_and_heads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One window per onnxruntime run up to ``num_heads`` threads, then enough (window, head) pairs."""
+def test_windows_per_run_follows_threads_and_heads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """int8: one window per onnxruntime run up to ``num_heads`` threads, then enough (window, head)
+    pairs; fp32 twice that; threads 0 (onnxruntime's default) count as physical cores."""
     import types
 
     import eat_fairseq.inference.onnx_format as fmt
@@ -443,10 +444,35 @@ def test_windows_per_run_follows_threads_and_heads(monkeypatch: pytest.MonkeyPat
         options = types.SimpleNamespace(intra_op_num_threads=threads)
         return types.SimpleNamespace(get_session_options=lambda: options)
 
-    assert [fmt.windows_per_run(session(t), 12) for t in (1, 2, 12, 13, 24, 25)] == [1, 1, 1, 2, 2, 3]
-    assert fmt.windows_per_run(session(16), 16) == 1
-    monkeypatch.setattr(fmt.os, "cpu_count", lambda: 40)
-    assert fmt.windows_per_run(session(0), 16) == 3  # 0: onnxruntime's own count, taken as the CPUs
+    assert [fmt.windows_per_run(session(t), 12, True) for t in (1, 2, 12, 13, 24, 25)] == [1, 1, 1, 2, 2, 3]
+    assert [fmt.windows_per_run(session(t), 12, False) for t in (1, 12, 13)] == [2, 2, 4]
+    monkeypatch.setattr(fmt, "physical_cores", lambda: 40)
+    assert fmt.windows_per_run(session(0), 16, True) == 3
+    with pytest.raises(ValueError, match="no windows"):
+        fmt.run_windows(session(1), ["features"], np.zeros((0, 16, 128), np.float32), 1)
+
+
+def test_physical_cores_count_hyperthreads_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two logical CPUs that share a core count once (onnxruntime's default is one thread per core)."""
+    import builtins
+    import io
+
+    import eat_fairseq.inference.onnx_format as fmt
+
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}
+    real_open = builtins.open
+
+    def fake_open(path: object, *args: object, **kwargs: object) -> object:
+        name = str(path)
+        if name.startswith("/sys/devices/system/cpu/cpu") and name.endswith("thread_siblings_list"):
+            return io.StringIO(siblings[int(name.split("/cpu/cpu")[1].split("/")[0])] + "\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(fmt.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert fmt.physical_cores() == 2
+    monkeypatch.setattr(fmt.os, "sched_getaffinity", lambda pid: {0, 2}, raising=False)
+    assert fmt.physical_cores() == 1
 
 
 @pytest.mark.parametrize("api", ["handle", "runner"])
@@ -478,6 +504,7 @@ def test_sessions_leave_out_the_skip_layer_norm_fusion(files: dict, tmp_path: Pa
     import onnx
     import onnxruntime as ort
 
+    import eat_fairseq.inference.onnx_format as fmt
     from eat_fairseq.inference.onnx_format import make_session
 
     real = ort.InferenceSession
@@ -493,7 +520,8 @@ def test_sessions_leave_out_the_skip_layer_norm_fusion(files: dict, tmp_path: Pa
     monkeypatch.setattr(ort, "InferenceSession", saving)
     make_session(str(files["pre_int8.onnx"]), threads=1)
     assert "SkipLayerNormalization" not in ops() and "LayerNormalization" in ops()
-    saving(str(files["pre_int8.onnx"]), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(fmt, "LEFT_OUT_FUSIONS", ())  # make_session's other options allow the fusion
+    make_session(str(files["pre_int8.onnx"]), threads=1)
     assert "SkipLayerNormalization" in ops()
 
 
