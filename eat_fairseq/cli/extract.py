@@ -312,7 +312,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     (eat-extract and eat-tag)."""
     parser.add_argument(
         "--batch-size", type=int, default=8,
-        help=f"clips loaded / windows {what} together (an .onnx runs them a window at a time on few threads)",
+        help=f"clips loaded / windows {what} together (an .onnx runs one or two windows at a time on few threads)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (.onnx files: cpu)")
     add_threads_argument(parser)
